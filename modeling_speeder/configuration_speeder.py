@@ -1,0 +1,100 @@
+"""Speeder model configuration.
+
+This file is copied next to saved checkpoints as remote code: it imports only installed libraries.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+# Order of the modality axis everywhere (gate logits, presence masks, MPO stages).
+MODALITIES = ("text", "image", "id")
+
+# Default MPO schedule (DESIGN.md section 6): text first, then image ramped in, then collaborative ramped in.
+DEFAULT_MPO_STAGES = [
+    {"modalities": ["text"], "share": 0.34, "ramp": 0.0, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
+    {"modalities": ["text", "image"], "share": 0.33, "ramp": 0.5, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
+    {"modalities": ["text", "image", "id"], "share": 0.33, "ramp": 0.5, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
+]
+
+
+@strict
+class SpeederConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SpeederForSequentialRecommendation`]: any decoder LLM (`text_config`) plus the Speeder parts
+    (MRC item compression, SPAE positions, candidate and catalog heads).
+
+    Example:
+
+    ```python
+    >>> from transformers import LlamaConfig
+    >>> from modeling_speeder import SpeederConfig, SpeederForSequentialRecommendation
+    >>> config = SpeederConfig(text_config=LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    ...                        intermediate_size=128, vocab_size=300), num_items=100, modality_dims={"text": 32})
+    >>> model = SpeederForSequentialRecommendation(config)
+    ```
+    """
+
+    model_type = "speeder"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None  # the backbone LLM, built with AutoModel.from_config
+    # --- catalog and MRC (Mixture of Modality Experts) ---
+    num_items: int = 0  # catalog size N: rows of the feature bank
+    modality_dims: dict[str, int] | None = None  # feature size per modality, any subset of text/image/id
+    learned_id_dim: int = 0  # >0: a learned ID embedding table plays the "id" modality when no CF features exist
+    tokens_per_item: int = 1  # K soft tokens per item
+    expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
+    item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
+    catalog_fingerprint: str | None = None  # hash of the processor's item ids, to catch a mismatched catalog
+    # --- SPAE ---
+    max_history: int = 20  # most recent items kept; recency index r = 0 (last) .. max_history - 1
+    use_recency_embeddings: bool = True  # absolute order: learned recency embedding added to history item tokens
+    item_level_position_ids: bool = True  # relative order: all K tokens of an item share one position id
+    # --- placeholders (set when the tokenizer gets its special tokens) ---
+    item_token_id: int | None = None  # placeholder token replaced by an item's soft tokens
+    query_token_id: int | None = None  # token whose hidden state queries the catalog head
+    # --- heads and losses ---
+    candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
+    catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
+    # --- MPO ---
+    mpo_stages: list[dict] | None = None  # None = DEFAULT_MPO_STAGES; see SpeederMPOCallback
+    # --- versioning of the checkpoint layout ---
+    speeder_format_version: int = 1
+
+    def __post_init__(self, **kwargs):
+        if self.modality_dims is None:
+            self.modality_dims = {}
+        super().__post_init__(**kwargs)
+        unknown = set(self.modality_dims) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"modality_dims has unknown modalities {sorted(unknown)}; expected any of {MODALITIES}")
+        if self.learned_id_dim and "id" in self.modality_dims:
+            raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
+        if self.tokens_per_item < 1:
+            raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.speeder_format_version > 1:
+            raise ValueError(
+                f"This checkpoint uses Speeder format version {self.speeder_format_version}, but this code reads "
+                "version 1. Upgrade the `speeder` package."
+            )
+        if self.mpo_stages is None:
+            self.mpo_stages = [dict(stage) for stage in DEFAULT_MPO_STAGES]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this model has features for, in canonical order."""
+        dims = self.feature_dims
+        return tuple(m for m in MODALITIES if m in dims)
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        dims = dict(self.modality_dims)
+        if self.learned_id_dim:
+            dims["id"] = self.learned_id_dim
+        return dims
+
+
+__all__ = ["SpeederConfig", "MODALITIES"]

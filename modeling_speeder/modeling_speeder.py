@@ -1,0 +1,461 @@
+"""Speeder: a fast multimodal-LLM sequential recommender (arXiv 2511.05885, our reconstruction: DESIGN.md).
+
+One model in one file. The backbone is an unmodified `AutoModel.from_config(config.text_config)`; the new neural
+code is the MRC module (Mixture of Modality Experts), the SPAE recency embedding and two small heads. Masks,
+caches and attention kernels come from Transformers. This file is copied next to saved checkpoints as remote
+code: it imports only installed libraries and `.configuration_speeder`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.utils import ModelOutput
+
+from .configuration_speeder import MODALITIES, SpeederConfig
+
+# Mask builders per backbone layer type; the candidate-isolation rule is added on top of each.
+_MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def candidate_isolation_mask_function(segment_ids: torch.Tensor):
+    """Mask rule: a token sees the shared prompt (segment 0) and its own candidate's tokens, never other candidates.
+
+    segment_ids: (B, T), 0 for the shared prompt, c + 1 for the tokens of candidate c. Combined with the causal rule
+    by `create_causal_mask`, so it works for every mask format (eager float, sdpa bool, flex BlockMask).
+    """
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        kv_segment = segment_ids[batch_idx, kv_idx]
+        return (kv_segment == 0) | (kv_segment == segment_ids[batch_idx, q_idx])
+
+    return inner_mask
+
+
+@dataclass
+class SpeederRecommendationOutput(ModelOutput):
+    """
+    loss: weighted sum of the candidate and catalog cross-entropies, when labels are given.
+    candidate_scores: (B, C) one score per candidate, from one forward pass.
+    catalog_scores: (B, N) query-to-item scores over the whole catalog, when asked for.
+    query_hidden_state: (B, H) hidden state of the query token (input of the catalog head).
+    hidden_states: backbone hidden states, when asked for.
+    """
+
+    loss: torch.FloatTensor | None = None
+    candidate_scores: torch.FloatTensor | None = None
+    catalog_scores: torch.FloatTensor | None = None
+    query_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SpeederModalityExperts(nn.Module):
+    """MRC: compresses each item's text / image / id features into K soft tokens in the LLM embedding space.
+
+    Holds the catalog's feature bank as persistent buffers, so a checkpoint alone can recommend.
+    """
+
+    def __init__(self, config: SpeederConfig):
+        super().__init__()
+        hidden_size, k = config.text_config.hidden_size, config.tokens_per_item
+        dims = config.feature_dims
+        self.modalities = config.modalities
+        self.tokens_per_item, self.hidden_size = k, hidden_size
+        self.experts = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    nn.LayerNorm(dims[m]),  # features come unnormalised from frozen encoders
+                    nn.Linear(dims[m], config.expert_hidden_size),
+                    nn.GELU(),
+                    nn.Linear(config.expert_hidden_size, k * hidden_size),
+                )
+                for m in self.modalities
+            }
+        )
+        self.gate = nn.Linear(sum(dims[m] for m in self.modalities), len(self.modalities))
+        # Soft tokens far off the scale of real token embeddings destabilise training: RMS-normalise them with a
+        # gain initialised to the embeddings' typical RMS (see _init_weights).
+        self.token_gain = nn.Parameter(torch.ones(hidden_size))
+        for m in self.modalities:
+            if m == "id" and config.learned_id_dim:
+                continue
+            self.register_buffer(f"features_{m}", torch.zeros(config.num_items, dims[m]))
+        self.id_embedding = nn.Embedding(config.num_items, config.learned_id_dim) if config.learned_id_dim else None
+        self.register_buffer("presence", torch.ones(config.num_items, len(self.modalities), dtype=torch.bool))
+
+    def features(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
+        if modality == "id" and self.id_embedding is not None:
+            return self.id_embedding(rows)
+        return getattr(self, f"features_{modality}")[rows]
+
+    def forward(self, rows: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows: (n,) catalog indices; active: (n, M) or (M,) bool, the modalities MPO lets through.
+        Returns tokens (n, K, H) and gate weights (n, M)."""
+        present = self.presence[rows]  # (n, M)
+        normed = [
+            self.experts[m][0](self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
+        ]  # M x (n, d_m); absent features are zeroed so they cannot leak through the gate
+        allowed = present & active
+        # An item with none of the active modalities (say, no text during the text stage) falls back to what it has.
+        allowed = torch.where(allowed.any(-1, keepdim=True), allowed, present)
+        logits = self.gate(torch.cat(normed, dim=-1)).masked_fill(~allowed, float("-inf"))
+        weights = logits.softmax(-1)  # (n, M)
+        expert_out = torch.stack(
+            [self.experts[m][1:](x) for m, x in zip(self.modalities, normed)], dim=1
+        )  # (n, M, K*H)
+        tokens = (weights.unsqueeze(-1) * expert_out).sum(1).view(-1, self.tokens_per_item, self.hidden_size)
+        tokens = F.rms_norm(tokens, (self.hidden_size,), self.token_gain, eps=1e-6)
+        return tokens, weights
+
+
+class SpeederPreTrainedModel(PreTrainedModel):
+    config: SpeederConfig
+    config_class = SpeederConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = []
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SpeederModalityExperts):
+            rms = self.config.item_token_rms or self.config.text_config.initializer_range
+            init.constant_(module.token_gain, rms)
+        elif isinstance(module, SpeederForSequentialRecommendation) and module.recency_embedding is not None:
+            # Small, so a pretrained backbone first sees item tokens almost unperturbed.
+            init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
+
+
+class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
+    """Next-item recommendation with an LLM over compressed item tokens.
+
+    Prompt (built by `SpeederProcessor`): [prefix text] [item_1] ... [item_L] [bridge text] [query] [cand_1] ... [cand_C]
+    - candidate head: one forward pass scores all candidates; each candidate sees the shared prompt and itself only,
+      and all candidates share one position id, so scores are permutation-equivariant;
+    - catalog head: the query token's hidden state, projected, is dotted with every item's representation.
+    """
+
+    def __init__(self, config: SpeederConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.backbone = AutoModel.from_config(config.text_config)
+        self.mrc = SpeederModalityExperts(config)
+        # SPAE absolute order: rows 0..max_history-1 are recencies (0 = most recent), the last row marks candidates.
+        self.recency_embedding = (
+            nn.Embedding(config.max_history + 1, hidden_size) if config.use_recency_embeddings else None
+        )
+        self.candidate_head = nn.Linear(hidden_size, 1)
+        self.query_proj = nn.Linear(hidden_size, hidden_size)
+        # MPO switches modalities on and off here; not saved (the schedule lives in the config).
+        self.register_buffer("active_modalities", torch.ones(len(self.mrc.modalities), dtype=torch.bool), persistent=False)
+        self._item_cache = None  # (N, K, H) item tokens for inference, built by cache_item_tokens()
+        self.post_init()
+
+    # ----- item feature bank and item cache -----
+
+    def set_item_features(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None):
+        """Fill the feature bank. features[m]: (N, d_m); presence[m]: (N,) bool, False where an item lacks m."""
+        n, presence = self.config.num_items, presence or {}
+        stored = [m for m in self.mrc.modalities if not (m == "id" and self.mrc.id_embedding is not None)]
+        missing, unknown = set(stored) - set(features), set(features) - set(stored)
+        if missing or unknown:
+            raise ValueError(f"Features for modalities {stored} expected; missing {sorted(missing)}, unknown {sorted(unknown)}")
+        new_presence = self.mrc.presence.clone()
+        for m, x in features.items():
+            j = self.mrc.modalities.index(m)
+            x = torch.as_tensor(x, dtype=torch.float32)
+            expected = (n, self.config.feature_dims[m])
+            if tuple(x.shape) != expected:
+                raise ValueError(f"Features '{m}' have shape {tuple(x.shape)}; this checkpoint expects {expected}")
+            mask = torch.as_tensor(presence.get(m, torch.ones(n, dtype=torch.bool)), dtype=torch.bool)
+            if mask.shape != (n,):
+                raise ValueError(f"Presence '{m}' has shape {tuple(mask.shape)}; expected ({n},)")
+            bad = (~torch.isfinite(x).all(-1) & mask).nonzero().flatten()
+            if len(bad):
+                raise ValueError(f"Features '{m}' hold NaN or inf in rows {bad[:10].tolist()} (of {len(bad)} rows)")
+            getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
+            new_presence[:, j] = mask
+        empty = (~new_presence.any(-1)).nonzero().flatten()
+        if len(empty):
+            raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
+        self.mrc.presence.copy_(new_presence)
+        self.clear_item_cache()
+
+    def set_active_modalities(self, modalities: Sequence[str]):
+        """Restrict the MRC gate to these modalities (MPO stages)."""
+        unknown = set(modalities) - set(self.mrc.modalities)
+        if unknown:
+            raise ValueError(f"Unknown modalities {sorted(unknown)}; this model has {self.mrc.modalities}")
+        self.active_modalities.copy_(torch.tensor([m in modalities for m in self.mrc.modalities]))
+        self.clear_item_cache()
+
+    @torch.no_grad()
+    def cache_item_tokens(self, chunk_size: int = 65536) -> torch.Tensor:
+        """Encode every catalog item once; afterwards an item costs a lookup. Cleared by train() and weight setters."""
+        rows = torch.arange(self.config.num_items, device=self.device)
+        self._item_cache = torch.cat([self.mrc(r, self.active_modalities)[0] for r in rows.split(chunk_size)])
+        return self._item_cache
+
+    def clear_item_cache(self):
+        self._item_cache = None
+
+    def train(self, mode: bool = True):
+        self.clear_item_cache()
+        return super().train(mode)
+
+    def item_representations(self) -> torch.Tensor:
+        """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
+        if self._item_cache is not None and not self.training:
+            return self._item_cache.mean(1)
+        rows = torch.arange(self.config.num_items, device=self.device)
+        return self.mrc(rows, self.active_modalities)[0].mean(1)
+
+    # ----- prompt embedding -----
+
+    def _embed(self, input_ids, item_token_index, recency_index, modality_mask):
+        """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE recency."""
+        k, n_items = self.config.tokens_per_item, self.config.num_items
+        is_item = item_token_index >= 0  # (B, T)
+        is_placeholder = input_ids == self.config.item_token_id
+        if not torch.equal(is_item, is_placeholder):
+            raise ValueError(
+                f"{int(is_placeholder.sum())} item placeholder tokens (id {self.config.item_token_id}) but "
+                f"{int(is_item.sum())} item indices: input_ids and item_token_index must come from the same processor call"
+            )
+        if is_item.any() and int(item_token_index.max()) >= n_items * k:
+            raise ValueError(
+                f"item index {int(item_token_index.max()) // k} is outside this checkpoint's catalog of {n_items} items: "
+                "the processor's catalog does not match the model"
+            )
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
+        flat_index = item_token_index[is_item]  # (n_occ * K,) = item * K + k, K consecutive tokens per occurrence
+        if self._item_cache is not None and not self.training and modality_mask is None:
+            item_vectors = self._item_cache.flatten(0, 1)[flat_index]
+        else:
+            starts = flat_index[::k]  # one row per item occurrence
+            active = self.active_modalities
+            if modality_mask is not None:  # per-example MPO ramp: (B, M)
+                batch_of_token = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(is_item)
+                active = active & modality_mask[batch_of_token[is_item][::k]]
+            item_vectors = self.mrc(starts // k, active)[0].flatten(0, 1)  # (n_occ * K, H)
+        if self.recency_embedding is not None:
+            item_vectors = item_vectors + self.recency_embedding(recency_index[is_item])
+        return embeds.masked_scatter(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype))
+
+    def _attention_masks(self, embeds, attention_mask, position_ids, segment_ids):
+        """Masks in the format of the backbone's attention backend, with candidate isolation on top of causality."""
+        text_config = self.backbone.config
+        kwargs = dict(
+            config=text_config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+            and_mask_function=candidate_isolation_mask_function(segment_ids),
+        )
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is None:
+            kind = "sliding_attention" if getattr(text_config, "sliding_window", None) else "full_attention"
+            return _MASK_BUILDERS[kind](**kwargs)
+        unsupported = set(layer_types) - set(_MASK_BUILDERS)
+        if unsupported:
+            raise NotImplementedError(f"Backbone layer types {sorted(unsupported)} are not supported with candidates in the prompt")
+        return {kind: _MASK_BUILDERS[kind](**kwargs) for kind in set(layer_types)}
+
+    def _uses_prefix_cache(self, candidate_scoring: str) -> bool:
+        if candidate_scoring not in ("auto", "mask", "prefix_cache"):
+            raise ValueError(f"candidate_scoring must be 'auto', 'mask' or 'prefix_cache', got {candidate_scoring!r}")
+        if candidate_scoring == "auto":
+            # FlashAttention kernels take no arbitrary mask: encode the shared prompt once, then the candidates as
+            # a batch of continuations of its KV cache (DESIGN.md section 5).
+            return "flash" in (self.backbone.config._attn_implementation or "")
+        return candidate_scoring == "prefix_cache"
+
+    # ----- forward -----
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,  # (B, T) left-padded prompt
+        attention_mask: torch.LongTensor,  # (B, T)
+        position_ids: torch.LongTensor,  # (B, T) SPAE item-level positions
+        item_token_index: torch.LongTensor,  # (B, T) item * K + k at placeholders, -1 elsewhere
+        recency_index: torch.LongTensor,  # (B, T) recency at history tokens, max_history at candidates, -1 elsewhere
+        candidate_item_index: torch.LongTensor | None = None,  # (B, C) the candidates: the last C * K tokens
+        labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
+        catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
+        modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
+        return_catalog_scores: bool = False,
+        output_hidden_states: bool | None = None,
+        candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
+        **kwargs,
+    ) -> SpeederRecommendationOutput:
+        batch_size, seq_len = input_ids.shape
+        k = self.config.tokens_per_item
+        num_candidates = 0 if candidate_item_index is None else candidate_item_index.shape[1]
+        cand_len = num_candidates * k  # candidate tokens at the end of every row
+        query_pos = seq_len - cand_len - 1
+        if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
+            raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
+        if query_pos < 0 or not bool((input_ids[:, query_pos] == self.config.query_token_id).all()):
+            raise ValueError(
+                f"Expected the query token (id {self.config.query_token_id}) right before the {num_candidates} candidates"
+            )
+        embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask)
+
+        hidden_states = None
+        if num_candidates and self._uses_prefix_cache(candidate_scoring):
+            prefix = self.backbone(
+                inputs_embeds=embeds[:, : query_pos + 1],
+                attention_mask=attention_mask[:, : query_pos + 1],
+                position_ids=position_ids[:, : query_pos + 1],
+                use_cache=True,
+            )
+            cache = prefix.cache
+            cache.batch_repeat_interleave(num_candidates)
+            cand_mask = torch.cat(
+                [attention_mask[:, : query_pos + 1].repeat_interleave(num_candidates, 0),
+                 attention_mask.new_ones(batch_size * num_candidates, k)], dim=1,
+            )
+            cand = self.backbone(
+                inputs_embeds=embeds[:, query_pos + 1 :].reshape(batch_size * num_candidates, k, -1),
+                attention_mask=cand_mask,
+                position_ids=position_ids[:, query_pos + 1 :].reshape(batch_size * num_candidates, k),
+                cache=cache,
+                use_cache=True,
+            )
+            query_hidden = prefix.last_hidden_state[:, -1]  # (B, H)
+            cand_hidden = cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1)  # (B, C, H)
+        else:
+            segment_ids = torch.zeros_like(input_ids)
+            if num_candidates:
+                segment_ids[:, query_pos + 1 :] = torch.arange(1, num_candidates + 1, device=input_ids.device).repeat_interleave(k)
+                mask = self._attention_masks(embeds, attention_mask, position_ids, segment_ids)
+            else:
+                mask = attention_mask
+            out = self.backbone(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                output_hidden_states=output_hidden_states,
+            )
+            hidden_states = out.hidden_states
+            last = out.last_hidden_state  # (B, T, H)
+            query_hidden = last[:, query_pos]
+            cand_hidden = last[:, query_pos + k :: k][:, :num_candidates]  # last token of each candidate: (B, C, H)
+
+        candidate_scores = self.candidate_head(cand_hidden).squeeze(-1) if num_candidates else None  # (B, C)
+        catalog_scores = None
+        if return_catalog_scores or (catalog_labels is not None and self.config.catalog_loss_weight):
+            catalog_scores = self.query_proj(query_hidden) @ self.item_representations().T  # (B, N)
+
+        loss = None
+        if labels is not None and candidate_scores is not None and self.config.candidate_loss_weight:
+            loss = self.config.candidate_loss_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
+        if catalog_labels is not None and catalog_scores is not None and self.config.catalog_loss_weight:
+            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels, ignore_index=-100)
+            loss = catalog_loss if loss is None else loss + catalog_loss
+
+        return SpeederRecommendationOutput(
+            loss=loss,
+            candidate_scores=candidate_scores,
+            catalog_scores=catalog_scores,
+            query_hidden_state=query_hidden,
+            hidden_states=hidden_states,
+        )
+
+    # ----- recommendation API -----
+
+    def check_catalog(self, processor):
+        """Raise if the processor's catalog is not the one this checkpoint was built on."""
+        if processor.num_items != self.config.num_items:
+            raise ValueError(
+                f"The processor's catalog has {processor.num_items} items but this checkpoint was built for "
+                f"{self.config.num_items}: load the processor saved with this model"
+            )
+        expected = self.config.catalog_fingerprint
+        if expected is not None and processor.catalog_fingerprint != expected:
+            raise ValueError(
+                f"The processor's catalog (fingerprint {processor.catalog_fingerprint}) differs from this checkpoint's "
+                f"({expected}): same size, different item ids or order"
+            )
+
+    @torch.inference_mode()
+    def recommend(
+        self,
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]] | None = None,
+        top_k: int = 10,
+        processor=None,
+        exclude_history: bool = True,
+        batch_size: int = 32,
+        chunk_size: int = 65536,
+    ) -> list[dict]:
+        """Top-k next items for each history of raw item ids.
+
+        With `candidates`, ranks each user's candidates with the candidate head; otherwise ranks the whole catalog
+        with the catalog head, excluding the history's items when `exclude_history`. Returns one dict per user:
+        {"item_ids": [...], "scores": [...]}, best first.
+        """
+        if processor is None:
+            from transformers import AutoProcessor
+
+            if not self.name_or_path:
+                raise ValueError("recommend() needs a processor: pass processor=..., or load the model from a saved folder")
+            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=self.is_custom_code())
+        self.check_catalog(processor)
+        if isinstance(histories, str) or (len(histories) and isinstance(histories[0], str)):
+            raise ValueError("histories must be a list of histories (each a list of item ids)")
+        self.eval()
+        if self._item_cache is None:
+            self.cache_item_tokens()
+        results = []
+        for start in range(0, len(histories), batch_size):
+            hist = histories[start : start + batch_size]
+            cands = None if candidates is None else candidates[start : start + batch_size]
+            inputs = processor(histories=hist, candidates=cands, return_tensors="pt").to(self.device)
+            out = self(**inputs)
+            if cands is not None:
+                scores, order = out.candidate_scores.topk(min(top_k, out.candidate_scores.shape[1]), dim=-1)
+                rows = inputs["candidate_item_index"].gather(1, order)
+            else:
+                exclude = None
+                if exclude_history:
+                    exclude = [[processor.item_index(i) for i in h] for h in hist]
+                scores, rows = self._catalog_topk(out.query_hidden_state, top_k, exclude, chunk_size)
+            results += [
+                {"item_ids": processor.item_ids_of(r.tolist()), "scores": s.tolist()} for r, s in zip(rows, scores)
+            ]
+        return results
+
+    def _catalog_topk(self, query_hidden, top_k, exclude, chunk_size):
+        """Top-k over the catalog in chunks, so extra memory stays O(B * chunk_size) whatever the catalog size."""
+        query = self.query_proj(query_hidden)  # (B, H)
+        items = self.item_representations()  # (N, H)
+        top_k = min(top_k, self.config.num_items)
+        best_scores = query.new_full((query.shape[0], 0), float("-inf"))
+        best_rows = torch.zeros(query.shape[0], 0, dtype=torch.long, device=query.device)
+        for start in range(0, items.shape[0], chunk_size):
+            scores = query @ items[start : start + chunk_size].T  # (B, chunk)
+            if exclude is not None:
+                for b, rows in enumerate(exclude):
+                    local = [r - start for r in rows if start <= r < start + scores.shape[1]]
+                    scores[b, local] = float("-inf")
+            rows = torch.arange(start, start + scores.shape[1], device=query.device).expand_as(scores)
+            best_scores, pick = torch.cat([best_scores, scores], 1).topk(min(top_k, best_scores.shape[1] + scores.shape[1]), dim=1)
+            best_rows = torch.cat([best_rows, rows], 1).gather(1, pick)
+        return best_scores, best_rows
+
+
+__all__ = [
+    "SpeederPreTrainedModel",
+    "SpeederForSequentialRecommendation",
+    "SpeederModalityExperts",
+    "SpeederRecommendationOutput",
+    "candidate_isolation_mask_function",
+]

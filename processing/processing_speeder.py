@@ -1,0 +1,203 @@
+"""SpeederProcessor: the item catalog, prompt layout, MRC placeholder tokenization and SPAE position ids.
+
+Copied next to saved checkpoints as remote code: it imports only installed libraries.
+"""
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from tokenizers import AddedToken
+from transformers import BatchEncoding
+from transformers.processing_utils import ProcessorMixin
+
+
+def catalog_fingerprint(item_ids: Sequence[str]) -> str:
+    """Short hash of an ordered catalog; the model's config stores it to catch a mismatched processor."""
+    return hashlib.sha256("\n".join(item_ids).encode("utf-8")).hexdigest()[:16]
+
+
+class SpeederProcessor(ProcessorMixin):
+    r"""
+    Turns item-id histories (and candidates, and targets when training) into model inputs.
+
+    Prompt layout, left-padded:
+
+        [prompt_prefix] [item_1 x K] ... [item_L x K] [prompt_bridge] [query] [cand_1 x K] ... [cand_C x K]
+
+    Position ids (SPAE, relative order): text tokens advance by one, the K tokens of an item share one id and
+    successive items advance by one, so RoPE distances between items are item distances whatever K and the text.
+    All candidates share the id after the query (they are an unordered set).
+
+    Args:
+        tokenizer: the backbone's tokenizer; the item and query tokens are added to it when missing.
+        item_ids: external item ids, in catalog order (row i of the model's feature bank).
+        item_titles: optional titles, same order (used by text baselines and reports).
+        max_history: histories are truncated to their most recent `max_history` items.
+        tokens_per_item: K soft tokens per item; must match the model.
+        item_level_position_ids: SPAE relative positions; False gives plain token positions.
+        prompt_prefix / prompt_bridge: the text around the history.
+    """
+
+    def __init__(
+        self,
+        tokenizer=None,
+        item_ids: Sequence[str] | None = None,
+        item_titles: Sequence[str] | None = None,
+        max_history: int = 20,
+        tokens_per_item: int = 1,
+        item_level_position_ids: bool = True,
+        prompt_prefix: str = "A user interacted with these items, oldest first:",
+        prompt_bridge: str = ". The item they interact with next is",
+        item_token: str = "<|item|>",
+        query_token: str = "<|query|>",
+        chat_template=None,
+        **kwargs,
+    ):
+        super().__init__(tokenizer, chat_template=chat_template)
+        self.item_ids = [str(i) for i in (item_ids or [])]
+        self.item_titles = list(item_titles) if item_titles is not None else None
+        if self.item_titles is not None and len(self.item_titles) != len(self.item_ids):
+            raise ValueError(f"{len(self.item_titles)} titles for {len(self.item_ids)} item ids")
+        self._index = {item: row for row, item in enumerate(self.item_ids)}
+        if len(self._index) != len(self.item_ids):
+            dupes = [item for item, count in Counter(self.item_ids).items() if count > 1]
+            raise ValueError(f"Duplicate item ids in the catalog: {dupes[:10]}")
+        if max_history < 1 or tokens_per_item < 1:
+            raise ValueError(f"max_history and tokens_per_item must be >= 1, got {max_history}, {tokens_per_item}")
+        self.max_history, self.tokens_per_item = max_history, tokens_per_item
+        self.item_level_position_ids = item_level_position_ids
+        self.prompt_prefix, self.prompt_bridge = prompt_prefix, prompt_bridge
+        self.item_token, self.query_token = item_token, query_token
+        missing = [t for t in (item_token, query_token) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        self.item_token_id = tokenizer.convert_tokens_to_ids(item_token)
+        self.query_token_id = tokenizer.convert_tokens_to_ids(query_token)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self._prefix_ids = tokenizer(prompt_prefix, add_special_tokens=True).input_ids if prompt_prefix else []
+        self._bridge_ids = tokenizer(prompt_bridge, add_special_tokens=False).input_ids if prompt_bridge else []
+
+    # ----- catalog -----
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def catalog_fingerprint(self) -> str:
+        return catalog_fingerprint(self.item_ids)
+
+    def item_index(self, item_id) -> int:
+        try:
+            return self._index[str(item_id)]
+        except KeyError:
+            raise ValueError(f"Unknown item id {item_id!r}: not in this catalog of {self.num_items} items") from None
+
+    def item_ids_of(self, rows: Sequence[int]) -> list[str]:
+        return [self.item_ids[r] for r in rows]
+
+    # ----- prompt building -----
+
+    def _row(self, history: list[int], candidates: list[int]):
+        """One prompt: token ids, SPAE position ids, item token indices and recency indices (lists of length T)."""
+        k, level = self.tokens_per_item, self.item_level_position_ids
+        ids, pos, item_idx, recency = [], [], [], []
+
+        def text(tokens):
+            start = pos[-1] + 1 if pos else 0
+            ids.extend(tokens), pos.extend(range(start, start + len(tokens)))
+            item_idx.extend([-1] * len(tokens)), recency.extend([-1] * len(tokens))
+
+        def item(row, r, position):
+            ids.extend([self.item_token_id] * k)
+            pos.extend([position] * k if level else range(position, position + k))
+            item_idx.extend(row * k + j for j in range(k)), recency.extend([r] * k)
+
+        text(self._prefix_ids)
+        for j, row in enumerate(history):
+            item(row, len(history) - 1 - j, pos[-1] + 1 if pos else 0)
+        text(self._bridge_ids)
+        text([self.query_token_id])
+        shared = pos[-1] + 1
+        for row in candidates:
+            item(row, self.max_history, shared)
+        return ids, pos, item_idx, recency
+
+    def __call__(
+        self,
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]] | None = None,
+        targets: Sequence[str] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchEncoding:
+        """
+        histories: per user, item ids oldest first; truncated to the most recent `max_history`.
+        candidates: per user, a set of item ids to score (the same count for every user in a batch), or None for
+            catalog-head inputs only.
+        targets: per user, the next item; gives `labels` (its place among the candidates) and `catalog_labels`.
+        """
+        if isinstance(histories, str) or not len(histories) or isinstance(histories[0], str):
+            raise ValueError("histories must be a non-empty list of histories, each a list of item ids")
+        batch = len(histories)
+        if candidates is not None and len(candidates) != batch:
+            raise ValueError(f"{len(candidates)} candidate lists for {batch} histories")
+        if targets is not None and len(targets) != batch:
+            raise ValueError(f"{len(targets)} targets for {batch} histories")
+        rows, cand_rows, labels, catalog_labels = [], [], [], []
+        for b, history in enumerate(histories):
+            if isinstance(history, str) or not len(history):
+                raise ValueError(f"History {b} is empty or not a list of item ids: {history!r}")
+            hist = [self.item_index(i) for i in history][-self.max_history :]
+            cands = []
+            if candidates is not None:
+                if isinstance(candidates[b], str) or not len(candidates[b]):
+                    raise ValueError(f"Candidate list {b} is empty or not a list of item ids: {candidates[b]!r}")
+                cands = [self.item_index(i) for i in candidates[b]]
+                if len(set(cands)) != len(cands):
+                    dupes = [item for item, count in Counter(map(str, candidates[b])).items() if count > 1]
+                    raise ValueError(f"Candidate list {b} has duplicate items {dupes}")
+                if len(cands) != len(cand_rows[0] if cand_rows else cands):
+                    raise ValueError(
+                        f"Candidate list {b} has {len(cands)} items but list 0 has {len(cand_rows[0])}: "
+                        "a batch needs the same number of candidates per user"
+                    )
+                cand_rows.append(cands)
+            if targets is not None:
+                target = self.item_index(targets[b])
+                catalog_labels.append(target)
+                if candidates is not None:
+                    if target not in cands:
+                        raise ValueError(f"Target {targets[b]!r} of row {b} is not among its candidates")
+                    labels.append(cands.index(target))
+            rows.append(self._row(hist, cands))
+
+        length = max(len(r[0]) for r in rows)
+        pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
+        data = {
+            "input_ids": [pad(r[0], self.pad_token_id) for r in rows],
+            "attention_mask": [pad([1] * len(r[0]), 0) for r in rows],
+            "position_ids": [pad(r[1], 0) for r in rows],
+            "item_token_index": [pad(r[2], -1) for r in rows],
+            "recency_index": [pad(r[3], -1) for r in rows],
+        }
+        if candidates is not None:
+            data["candidate_item_index"] = cand_rows
+        if labels:
+            data["labels"] = labels
+        if catalog_labels:
+            data["catalog_labels"] = catalog_labels
+        if return_tensors == "pt":
+            data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        return BatchEncoding(data)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "position_ids", "item_token_index", "recency_index", "candidate_item_index"]
+
+
+__all__ = ["SpeederProcessor", "catalog_fingerprint"]
