@@ -14,14 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import and_masks, create_causal_mask
 from transformers.utils import ModelOutput
 
 from .configuration_speeder import MODALITIES, SpeederConfig
-
-# Mask builders per backbone layer type; the candidate-isolation rule is added on top of each.
-_MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-
 
 def candidate_isolation_mask_function(segment_ids: torch.Tensor):
     """Mask rule: a token sees the shared prompt (segment 0) and its own candidate's tokens, never other candidates.
@@ -33,6 +29,20 @@ def candidate_isolation_mask_function(segment_ids: torch.Tensor):
     def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
         kv_segment = segment_ids[batch_idx, kv_idx]
         return (kv_segment == 0) | (kv_segment == segment_ids[batch_idx, q_idx])
+
+    return inner_mask
+
+
+def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_window: int):
+    """Sliding-window rule measured as if every candidate sat right after the query token.
+
+    virtual_index: (B, T), the token index for the shared prompt and query_pos + 1 + offset for candidate tokens.
+    Measuring on real indices would show later candidates less of the prompt and break the set semantics (and the
+    equality with the prefix-cache path, where each candidate is a continuation of the same cache).
+    """
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        return virtual_index[batch_idx, kv_idx] > virtual_index[batch_idx, q_idx] - sliding_window
 
     return inner_mask
 
@@ -250,25 +260,30 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             item_vectors = item_vectors + self.recency_embedding(recency_index[is_item])
         return embeds.masked_scatter(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype))
 
-    def _attention_masks(self, embeds, attention_mask, position_ids, segment_ids):
-        """Masks in the format of the backbone's attention backend, with candidate isolation on top of causality."""
+    def _attention_masks(self, embeds, attention_mask, position_ids, segment_ids, query_pos):
+        """Masks in the backbone's attention-backend format: causal, candidate isolation, and (for sliding-window
+        layers) the window measured with every candidate right after the query. One dict entry per layer type."""
         text_config = self.backbone.config
-        kwargs = dict(
-            config=text_config,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            cache=None,
-            position_ids=position_ids,
-            and_mask_function=candidate_isolation_mask_function(segment_ids),
-        )
+        isolation = candidate_isolation_mask_function(segment_ids)
         layer_types = getattr(text_config, "layer_types", None)
-        if layer_types is None:
-            kind = "sliding_attention" if getattr(text_config, "sliding_window", None) else "full_attention"
-            return _MASK_BUILDERS[kind](**kwargs)
-        unsupported = set(layer_types) - set(_MASK_BUILDERS)
+        kinds = layer_types or ["sliding_attention" if getattr(text_config, "sliding_window", None) else "full_attention"]
+        unsupported = set(kinds) - {"full_attention", "sliding_attention"}
         if unsupported:
             raise NotImplementedError(f"Backbone layer types {sorted(unsupported)} are not supported with candidates in the prompt")
-        return {kind: _MASK_BUILDERS[kind](**kwargs) for kind in set(layer_types)}
+        masks = {}
+        for kind in set(kinds):
+            rule = isolation
+            if kind == "sliding_attention":
+                seq_len, k = embeds.shape[1], self.config.tokens_per_item
+                virtual = torch.arange(seq_len, device=embeds.device)
+                virtual = torch.where(virtual > query_pos, query_pos + 1 + (virtual - query_pos - 1) % k, virtual)
+                virtual = virtual.expand(embeds.shape[0], -1)
+                rule = and_masks(isolation, candidate_sliding_window_mask_function(virtual, text_config.sliding_window))
+            masks[kind] = create_causal_mask(
+                config=text_config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None,
+                position_ids=position_ids, and_mask_function=rule,
+            )
+        return masks if layer_types is not None else masks[kinds[0]]
 
     def _uses_prefix_cache(self, candidate_scoring: str) -> bool:
         if candidate_scoring not in ("auto", "mask", "prefix_cache"):
@@ -337,7 +352,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             segment_ids = torch.zeros_like(input_ids)
             if num_candidates:
                 segment_ids[:, query_pos + 1 :] = torch.arange(1, num_candidates + 1, device=input_ids.device).repeat_interleave(k)
-                mask = self._attention_masks(embeds, attention_mask, position_ids, segment_ids)
+                mask = self._attention_masks(embeds, attention_mask, position_ids, segment_ids, query_pos)
             else:
                 mask = attention_mask
             out = self.backbone(

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random backbones of several families, a small catalog with text/image/id features."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config  # noqa: E402
+
+from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer  # noqa: E402
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=64, max_position_embeddings=512)
+BACKBONES = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=8),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    # Gemma3 alternates sliding and full layers: exercises the per-layer-type mask dict. A window shorter than
+    # the prompts makes the sliding layers matter.
+    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+}
+NUM_ITEMS = 40
+ITEM_IDS = [f"item{i}" for i in range(NUM_ITEMS)]
+PROMPT_TEXT = "A user interacted with these items, oldest first: . The item they interact with next is"
+
+
+def make_catalog_features(seed=0, image_missing=0.3):
+    g = torch.Generator().manual_seed(seed)
+    features = {"text": torch.randn(NUM_ITEMS, 24, generator=g), "image": torch.randn(NUM_ITEMS, 16, generator=g)}
+    presence = {"image": torch.rand(NUM_ITEMS, generator=g) > image_missing}
+    return features, presence
+
+
+def make_tiny(family="llama", seed=0, attn_implementation="sdpa", **config_kwargs):
+    """A tiny random Speeder model and its processor (text + image features, learned id table)."""
+    torch.manual_seed(seed)
+    features, presence = make_catalog_features(seed)
+    config_kwargs.setdefault("expert_hidden_size", 32)
+    config_kwargs.setdefault("learned_id_dim", 8)
+    config_kwargs.setdefault("max_history", 8)
+    model, processor = build_speeder(
+        BACKBONES[family](), make_word_tokenizer([PROMPT_TEXT]), ITEM_IDS, features, presence,
+        item_titles=[f"title of {i}" for i in ITEM_IDS], **config_kwargs,
+    )
+    model.set_attn_implementation(attn_implementation)
+    return model.eval(), processor
+
+
+HISTORIES = [["item1", "item2", "item3", "item4"], ["item5", "item6"], ["item7", "item8", "item9", "item10", "item11"]]
+CANDIDATES = [["item20", "item21", "item22", "item1"], ["item23", "item24", "item25", "item26"],
+              ["item27", "item28", "item29", "item30"]]
+TARGETS = ["item21", "item26", "item27"]
+
+
+@pytest.fixture(params=list(BACKBONES))
+def family(request):
+    return request.param

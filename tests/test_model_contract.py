@@ -1,0 +1,101 @@
+"""Contract tests run on every backbone family: the same guarantees whatever the LLM underneath."""
+
+import torch
+
+from conftest import CANDIDATES, HISTORIES, TARGETS, make_tiny
+from modeling_speeder import SpeederForSequentialRecommendation, SpeederProcessor, SpeederRecommendationOutput
+from transformers import AutoModel, AutoProcessor
+
+
+def test_forward_backward(family):
+    model, processor = make_tiny(family)
+    model.train()
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
+    out = model(**inputs)
+    assert isinstance(out, SpeederRecommendationOutput)
+    assert out.candidate_scores.shape == (3, 4) and torch.isfinite(out.candidate_scores).all()
+    out.loss.backward()
+    for name in ["mrc.experts.text.1.weight", "mrc.experts.image.1.weight", "mrc.gate.weight", "mrc.id_embedding.weight",
+                 "recency_embedding.weight", "candidate_head.weight"]:
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_catalog_head_loss_and_scores(family):
+    model, processor = make_tiny(family, catalog_loss_weight=1.0, candidate_loss_weight=0.0)
+    inputs = processor(histories=HISTORIES, targets=TARGETS)
+    out = model(**inputs, return_catalog_scores=True)
+    assert out.candidate_scores is None
+    assert out.catalog_scores.shape == (3, model.config.num_items)
+    expected = torch.nn.functional.cross_entropy(out.catalog_scores, inputs["catalog_labels"])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_save_load_round_trip(family, tmp_path):
+    model, processor = make_tiny(family)
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    with torch.no_grad():
+        before = model(**inputs).candidate_scores
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is SpeederForSequentialRecommendation and type(loaded_processor) is SpeederProcessor
+    assert loaded_processor.item_ids == processor.item_ids
+    with torch.no_grad():
+        after = loaded(**loaded_processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert torch.equal(loaded.mrc.presence, model.mrc.presence)
+    assert loaded.recommend(HISTORIES, top_k=5) == model.recommend(HISTORIES, processor=processor, top_k=5)
+
+
+def test_candidate_permutation_equivariance(family):
+    model, processor = make_tiny(family)
+    perm = [2, 0, 3, 1]
+    permuted = [[c[p] for p in perm] for c in CANDIDATES]
+    with torch.no_grad():
+        scores = model(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
+        permuted_scores = model(**processor(histories=HISTORIES, candidates=permuted)).candidate_scores
+    torch.testing.assert_close(permuted_scores, scores[:, perm], rtol=0, atol=1e-5)
+
+
+def test_candidates_do_not_see_each_other(family):
+    """Replacing one candidate leaves the other candidates' scores unchanged."""
+    model, processor = make_tiny(family)
+    changed = [c[:-1] + ["item35"] for c in CANDIDATES]
+    with torch.no_grad():
+        a = model(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
+        b = model(**processor(histories=HISTORIES, candidates=changed)).candidate_scores
+    torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=0, atol=1e-5)
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_eager_equals_sdpa_with_padding(family):
+    model, processor = make_tiny(family, attn_implementation="eager")
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    assert (inputs["attention_mask"] == 0).any(), "the batch must contain padding"
+    with torch.no_grad():
+        eager = model(**inputs).candidate_scores
+        model.set_attn_implementation("sdpa")
+        sdpa = model(**inputs).candidate_scores
+    torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
+
+
+def test_prefix_cache_path_matches_mask_path(family):
+    """HSTU-style: the fast path (shared prompt encoded once, candidates as cache continuations, the FlashAttention
+    route) equals the reference one-pass masked path, on scores and on gradients."""
+    model, processor = make_tiny(family, tokens_per_item=2)
+    model.train()
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
+    grads = []
+    for path in ("mask", "prefix_cache"):
+        model.zero_grad()
+        out = model(**inputs, candidate_scoring=path)
+        out.loss.backward()
+        grads.append((out.candidate_scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_scores, ref_grads), (fast_scores, fast_grads) = grads
+    torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=1e-5)
+    assert ref_grads.keys() == fast_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

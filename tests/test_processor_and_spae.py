@@ -1,0 +1,185 @@
+"""Processor layout, SPAE positions, MRC gate masking and input validation."""
+
+import pytest
+import torch
+
+from conftest import CANDIDATES, HISTORIES, ITEM_IDS, TARGETS, make_tiny
+from modeling_speeder import SpeederProcessor
+from modeling_speeder.conversion.build import make_word_tokenizer
+
+
+def item_positions(inputs, row=0):
+    hist = (inputs["item_token_index"][row] >= 0) & (inputs["recency_index"][row] < 8)
+    return inputs["position_ids"][row][hist]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_item_position_gap_is_one_whatever_the_text(k):
+    """SPAE: longer prompt text shifts every position but never changes the gap between adjacent items."""
+    gaps = []
+    for prefix in ["short", "a much longer prompt prefix with many more words in it than before"]:
+        tok = make_word_tokenizer([prefix, "next"])
+        proc = SpeederProcessor(tok, item_ids=ITEM_IDS, tokens_per_item=k, max_history=8, prompt_prefix=prefix)
+        inputs = proc(histories=[["item1", "item2", "item3"]], candidates=[["item4", "item5"]])
+        hist_pos = item_positions(inputs)
+        assert len(hist_pos) == 3 * k
+        starts = hist_pos[::k]
+        assert torch.equal(hist_pos.view(3, k), starts[:, None].expand(3, k)), "the K tokens of an item share one id"
+        gaps.append(torch.diff(starts).tolist())
+        cand_pos = inputs["position_ids"][0, -2 * k :]
+        assert (cand_pos == cand_pos[0]).all(), "all candidates share one position id"
+    assert gaps == [[1, 1], [1, 1]]
+
+
+def test_token_level_positions_when_spae_off():
+    tok = make_word_tokenizer(["x"])
+    proc = SpeederProcessor(tok, item_ids=ITEM_IDS, tokens_per_item=2, item_level_position_ids=False)
+    inputs = proc(histories=[["item1", "item2"]])
+    pos = inputs["position_ids"][0]
+    assert torch.equal(pos, torch.arange(len(pos)))
+
+
+def test_left_padding_and_truncation():
+    _, proc = make_tiny("llama")  # max_history = 8
+    long_history = [f"item{i}" for i in range(12)]
+    inputs = proc(histories=[long_history, ["item1"]], candidates=[["item20", "item21"], ["item22", "item23"]])
+    assert inputs["attention_mask"][1, 0] == 0 and inputs["attention_mask"][:, -1].all(), "left padded"
+    kept = inputs["item_token_index"][0][(inputs["recency_index"][0] >= 0) & (inputs["recency_index"][0] < 8)]
+    assert kept.tolist() == list(range(4, 12)), "the most recent max_history items are kept"
+    recency = inputs["recency_index"][0][(inputs["recency_index"][0] >= 0) & (inputs["recency_index"][0] < 8)]
+    assert recency.tolist() == list(range(7, -1, -1)), "recency counts back from the last item"
+
+
+def test_labels():
+    _, proc = make_tiny("llama")
+    inputs = proc(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
+    assert inputs["labels"].tolist() == [1, 3, 0]
+    assert inputs["catalog_labels"].tolist() == [21, 26, 27]
+
+
+def test_recency_embedding_makes_order_matter():
+    """SPAE absolute order: with the same items and positions, the recency embedding alone changes the scores when
+    the order of the history changes; without it (zeroed) the recency indices have no effect."""
+    model, proc = make_tiny("llama")
+    inputs = proc(histories=[["item1", "item2", "item3"]], candidates=[["item4", "item5", "item6"]])
+    swapped = dict(inputs)
+    swapped["recency_index"] = inputs["recency_index"].clone()
+    hist = (inputs["recency_index"] >= 0) & (inputs["recency_index"] < model.config.max_history)
+    swapped["recency_index"][hist] = inputs["recency_index"][hist].flip(0)
+    with torch.no_grad():
+        a, b = model(**inputs).candidate_scores, model(**swapped).candidate_scores
+        assert not torch.allclose(a, b, atol=1e-6)
+        model.recency_embedding.weight.zero_()
+        a, b = model(**inputs).candidate_scores, model(**swapped).candidate_scores
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_missing_image_goes_through_gate_mask():
+    model, _ = make_tiny("llama")
+    presence = model.mrc.presence
+    image = model.mrc.modalities.index("image")
+    missing = (~presence[:, image]).nonzero().flatten()
+    assert len(missing), "fixture has items without an image"
+    rows = torch.arange(model.config.num_items)
+    with torch.no_grad():
+        tokens, weights = model.mrc(rows, model.active_modalities)
+        assert torch.isfinite(tokens).all()
+        assert (weights[missing, image] == 0).all() and (weights[presence[:, image], image] > 0).all()
+        # Garbage in an absent item's image row cannot change its tokens.
+        model.mrc.features_image[missing] = 1e3
+        tokens_after, _ = model.mrc(rows, model.active_modalities)
+    torch.testing.assert_close(tokens_after[missing], tokens[missing])
+
+
+def test_active_modalities_restrict_the_gate():
+    model, _ = make_tiny("llama")
+    model.set_active_modalities(["text"])
+    with torch.no_grad():
+        _, weights = model.mrc(torch.arange(model.config.num_items), model.active_modalities)
+    assert torch.equal(weights[:, 0], torch.ones(model.config.num_items))
+    with pytest.raises(ValueError, match="Unknown modalities"):
+        model.set_active_modalities(["audio"])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(histories=[["item1", "nope"]]), "Unknown item id 'nope'"),
+        (dict(histories=[[]]), "History 0 is empty"),
+        (dict(histories=[["item1"]], candidates=[[]]), "Candidate list 0 is empty"),
+        (dict(histories=[["item1"]], candidates=[["item2", "item3", "item2"]]), r"duplicate items \['item2'\]"),
+        (dict(histories=[["item1"]], candidates=[["item2", "item3"]], targets=["item4"]), "Target 'item4' of row 0 is not among"),
+        (dict(histories=[["item1"], ["item2"]], candidates=[["item3"], ["item4", "item5"]]), "same number of candidates"),
+        (dict(histories=["item1", "item2"]), "list of histories"),
+    ],
+)
+def test_processor_errors(call, message):
+    _, proc = make_tiny("llama")
+    with pytest.raises(ValueError, match=message):
+        proc(**call)
+
+
+def test_duplicate_catalog_ids_rejected():
+    with pytest.raises(ValueError, match=r"Duplicate item ids in the catalog: \['a'\]"):
+        SpeederProcessor(make_word_tokenizer(["x"]), item_ids=["a", "b", "a"])
+
+
+def test_catalog_mismatch_errors():
+    model, proc = make_tiny("llama")
+    smaller = SpeederProcessor(make_word_tokenizer(["x"]), item_ids=ITEM_IDS[:-1])
+    with pytest.raises(ValueError, match="catalog has 39 items but this checkpoint was built for 40"):
+        model.recommend([["item1"]], processor=smaller)
+    reordered = SpeederProcessor(make_word_tokenizer(["x"]), item_ids=list(reversed(ITEM_IDS)))
+    with pytest.raises(ValueError, match="differs from this checkpoint"):
+        model.recommend([["item1"]], processor=reordered)
+    bigger = SpeederProcessor(proc.tokenizer, item_ids=ITEM_IDS + ["extra"])
+    with pytest.raises(ValueError, match="outside this checkpoint's catalog"):
+        model(**bigger(histories=[["extra"]]))
+
+
+def test_placeholder_count_checked():
+    model, proc = make_tiny("llama")
+    inputs = proc(histories=[["item1", "item2"]], candidates=[["item3", "item4"]])
+    inputs["item_token_index"][0, -1] = -1
+    with pytest.raises(ValueError, match="item placeholder tokens"):
+        model(**inputs)
+
+
+def test_bad_features_rejected():
+    model, _ = make_tiny("llama")
+    n = model.config.num_items
+    text = torch.randn(n, 24)
+    text[[3, 7]] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in rows \[3, 7\]"):
+        model.set_item_features({"text": text, "image": torch.randn(n, 16)})
+    with pytest.raises(ValueError, match=r"shape \(40, 5\); this checkpoint expects \(40, 24\)"):
+        model.set_item_features({"text": torch.randn(n, 5), "image": torch.randn(n, 16)})
+    with pytest.raises(ValueError, match=r"missing \['image'\]"):
+        model.set_item_features({"text": torch.randn(n, 24)})
+    # NaN in an absent image row is fine: it is never read.
+    image = torch.randn(n, 16)
+    image[0] = float("nan")
+    present = torch.ones(n, dtype=torch.bool)
+    present[0] = False
+    model.set_item_features({"text": torch.randn(n, 24), "image": image}, {"image": present})
+
+
+def test_recommend_catalog_excludes_history():
+    model, proc = make_tiny("llama")
+    history = [f"item{i}" for i in range(30)]
+    recs = model.recommend([history], processor=proc, top_k=10)[0]
+    assert len(recs["item_ids"]) == 10 and not set(recs["item_ids"]) & set(history)
+    assert recs["scores"] == sorted(recs["scores"], reverse=True)
+    with_history = model.recommend([history], processor=proc, top_k=40, exclude_history=False)[0]
+    assert len(with_history["item_ids"]) == 40
+
+
+def test_chunked_catalog_topk_equals_full():
+    model, proc = make_tiny("llama")
+    inputs = proc(histories=HISTORIES)
+    with torch.no_grad():
+        out = model(**inputs, return_catalog_scores=True)
+        full = out.catalog_scores.topk(7, dim=-1)
+        scores, rows = model._catalog_topk(out.query_hidden_state, 7, None, chunk_size=6)
+    torch.testing.assert_close(scores, full.values)
+    assert torch.equal(rows, full.indices)
