@@ -3,6 +3,8 @@
 This file is copied next to saved checkpoints as remote code: it imports only installed libraries.
 """
 
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -36,6 +38,8 @@ class SpeederConfig(PreTrainedConfig):
     """
 
     model_type = "speeder"
+    # Trainer.predict / evaluate keep only the candidate scores as "logits".
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["catalog_scores", "query_hidden_state", "hidden_states"]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None  # the backbone LLM, built with AutoModel.from_config

@@ -132,7 +132,8 @@ class SpeederPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keys_to_ignore_on_load_unexpected = []
+    # The loss is a per-batch mean cross-entropy: the Trainer scales it for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -164,8 +165,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         )
         self.candidate_head = nn.Linear(hidden_size, 1)
         self.query_proj = nn.Linear(hidden_size, hidden_size)
-        # MPO switches modalities on and off here; not saved (the schedule lives in the config).
-        self.register_buffer("active_modalities", torch.ones(len(self.mrc.modalities), dtype=torch.bool), persistent=False)
+        # MPO: the probability that each modality is let through the gate for a training example (1 = on, 0 = off,
+        # in between = ramping in). Not saved: the schedule lives in the config and the stage follows global_step.
+        self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
         self._item_cache = None  # (N, K, H) item tokens for inference, built by cache_item_tokens()
         self.post_init()
 
@@ -199,12 +201,20 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.mrc.presence.copy_(new_presence)
         self.clear_item_cache()
 
-    def set_active_modalities(self, modalities: Sequence[str]):
-        """Restrict the MRC gate to these modalities (MPO stages)."""
-        unknown = set(modalities) - set(self.mrc.modalities)
+    @property
+    def active_modalities(self) -> torch.Tensor:
+        """(M,) bool: the modalities the gate may use at inference (any with a keep probability above 0)."""
+        return self.modality_keep_prob > 0
+
+    def set_active_modalities(self, modalities: Sequence[str] | dict[str, float]):
+        """Restrict the MRC gate (MPO stages): a list of modalities, or {modality: keep probability} for ramps."""
+        probs = modalities if isinstance(modalities, dict) else {m: 1.0 for m in modalities}
+        unknown = set(probs) - set(self.mrc.modalities)
         if unknown:
             raise ValueError(f"Unknown modalities {sorted(unknown)}; this model has {self.mrc.modalities}")
-        self.active_modalities.copy_(torch.tensor([m in modalities for m in self.mrc.modalities]))
+        if not any(probs.values()):
+            raise ValueError("At least one modality must stay active")
+        self.modality_keep_prob.copy_(torch.tensor([float(probs.get(m, 0.0)) for m in self.mrc.modalities]))
         self.clear_item_cache()
 
     @torch.no_grad()
@@ -252,6 +262,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         else:
             starts = flat_index[::k]  # one row per item occurrence
             active = self.active_modalities
+            ramping = (self.modality_keep_prob > 0) & (self.modality_keep_prob < 1)
+            if modality_mask is None and self.training and bool(ramping.any()):
+                # A modality ramping in is let through for a share of the examples that rises to 1 (MPO).
+                modality_mask = torch.rand(input_ids.shape[0], len(ramping), device=input_ids.device) < self.modality_keep_prob
             if modality_mask is not None:  # per-example MPO ramp: (B, M)
                 batch_of_token = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(is_item)
                 active = active & modality_mask[batch_of_token[is_item][::k]]

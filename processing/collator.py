@@ -1,0 +1,46 @@
+"""Data collator: canonical dataset rows -> model inputs, with fresh training negatives."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .processing_speeder import SpeederProcessor
+
+
+@dataclass
+class SpeederDataCollator:
+    """Rows with stored `candidates` (validation / test) are scored on those. Rows without (training) get the
+    target plus `num_negatives` items drawn from outside the user's history, shuffled. The draws come from one
+    seeded stream, so every epoch sees new negatives and a rerun sees the same ones."""
+
+    processor: SpeederProcessor
+    num_negatives: int = 19  # 20 candidates, the research protocol
+    seed: int = 0
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._rng = np.random.default_rng(self.seed)
+
+    def _draw_candidates(self, history, target):
+        seen = {str(i) for i in history} | {str(target)}
+        n = self.processor.num_items
+        if n - len(seen) < self.num_negatives:
+            raise ValueError(f"Catalog of {n} items is too small for {self.num_negatives} negatives outside a history of {len(seen)}")
+        negatives = []
+        while len(negatives) < self.num_negatives:
+            for row in self._rng.integers(0, n, size=2 * self.num_negatives):
+                item = self.processor.item_ids[row]
+                if item not in seen and item not in negatives:
+                    negatives.append(item)
+        cands = [str(target)] + negatives[: self.num_negatives]
+        self._rng.shuffle(cands)
+        return cands
+
+    def __call__(self, rows):
+        candidates = [list(r["candidates"]) if len(r.get("candidates") or []) else self._draw_candidates(r["history"], r["target"])
+                      for r in rows]
+        return self.processor(histories=[r["history"] for r in rows], candidates=candidates,
+                              targets=[r["target"] for r in rows])
+
+
+__all__ = ["SpeederDataCollator"]
