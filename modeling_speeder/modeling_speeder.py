@@ -140,9 +140,12 @@ class SpeederPreTrainedModel(PreTrainedModel):
         if isinstance(module, SpeederModalityExperts):
             rms = self.config.item_token_rms or self.config.text_config.initializer_range
             init.constant_(module.token_gain, rms)
-        elif isinstance(module, SpeederForSequentialRecommendation) and module.recency_embedding is not None:
-            # Small, so a pretrained backbone first sees item tokens almost unperturbed.
-            init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
+        elif isinstance(module, SpeederForSequentialRecommendation):
+            # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
+            init.ones_(module.modality_keep_prob)
+            if module.recency_embedding is not None:
+                # Small, so a pretrained backbone first sees item tokens almost unperturbed.
+                init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
 
 
 class SpeederForSequentialRecommendation(SpeederPreTrainedModel):

@@ -121,7 +121,9 @@ class SpeederMPOCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.current is not None:
-            logs["mpo_stage"] = self.current
+            logs["mpo_stage"] = self.current  # shown by the printer / reporting callbacks
+            if state.log_history:  # Trainer stored a copy of the logs already: reports and plots read this one
+                state.log_history[-1]["mpo_stage"] = self.current
 
 
 __all__ = ["PARAMETER_GROUPS", "SpeederMPOCallback", "compute_metrics", "ranking_metrics"]

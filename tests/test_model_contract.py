@@ -47,6 +47,8 @@ def test_save_load_round_trip(family, tmp_path):
         after = loaded(**loaded_processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     assert torch.equal(loaded.mrc.presence, model.mrc.presence)
+    # Non-persistent state is re-initialised, not left as whatever memory from_pretrained allocated.
+    assert loaded.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
     assert loaded.recommend(HISTORIES, top_k=5) == model.recommend(HISTORIES, processor=processor, top_k=5)
 
 

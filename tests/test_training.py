@@ -1,0 +1,164 @@
+"""Metrics, MPO schedule, Trainer integration and the PEFT round trip."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import CANDIDATES, HISTORIES, ITEM_IDS, make_tiny
+from modeling_speeder.processing.collator import SpeederDataCollator
+from modeling_speeder.training import SpeederMPOCallback, compute_metrics, ranking_metrics
+
+
+def test_ranking_metrics_hand_computed():
+    scores = [[0.9, 0.1, 0.5],   # target 0 ranked 1st
+              [0.9, 0.1, 0.5],   # target 2 ranked 2nd
+              [0.2, 0.2, 0.2]]   # a tie counts against the target: ranked 3rd
+    m = ranking_metrics(scores, [0, 2, 1], ks=(1, 2))
+    assert m["hr@1"] == pytest.approx(1 / 3)
+    assert m["hr@2"] == pytest.approx(2 / 3)
+    assert m["ndcg@2"] == pytest.approx((1 + 1 / np.log2(3)) / 3)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert m["valid_ratio"] == 1.0 and m["vhr@1"] == pytest.approx(1 / 3)
+    m = ranking_metrics(scores, [0, 2, 1], valid=[False, True, True])
+    assert m["valid_ratio"] == pytest.approx(2 / 3) and m["vhr@1"] == 0.0
+
+
+def test_compute_metrics_takes_trainer_tuples():
+    class EvalPred:
+        predictions = (np.array([[1.0, 0.0]]),)
+        label_ids = (np.array([0]), np.array([7]))
+    assert compute_metrics(EvalPred())["hr@1"] == 1.0
+
+
+def test_mpo_stage_plan_transitions_and_resume():
+    model, _ = make_tiny("llama")  # modalities text, image, id
+    callback = SpeederMPOCallback()
+    plan = callback.plan(model, 100)
+    assert [(s["start"], s["end"], s["modalities"]) for s in plan] == [
+        (0, 34, ["text"]), (34, 67, ["text", "image"]), (67, 100, ["text", "image", "id"])]
+    callback._trainable = {n for n, _ in model.named_parameters()}
+    callback._apply(model, 0, 100)
+    assert model.modality_keep_prob.tolist() == [1.0, 0.0, 0.0]
+    callback._apply(model, 40, 100)  # stage 2, ramp over half of 33 steps: 7 steps in
+    assert model.modality_keep_prob[1].item() == pytest.approx(7 / 16.5)
+    callback._apply(model, 99, 100)
+    assert model.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
+    resumed = SpeederMPOCallback()
+    resumed._trainable = callback._trainable
+    resumed._apply(model, 50, 100)  # a run resumed at step 50 starts in stage 2
+    assert resumed.transitions == [(50, 1)]
+
+
+def test_mpo_trainable_groups_and_skipped_stage(caplog):
+    model, _ = make_tiny("llama", learned_id_dim=0)  # no id modality: the third stage is skipped
+    stages = [{"modalities": ["text"], "share": 0.5, "trainable": ["experts", "gate", "heads"]},
+              {"modalities": ["text", "image"], "share": 0.3, "ramp": 0.0},
+              {"modalities": ["text", "image", "id"], "share": 0.2}]
+    callback = SpeederMPOCallback(stages)
+    with caplog.at_level(logging.WARNING):
+        plan = callback.plan(model, 10)
+    assert len(plan) == 2 and "adds ['id']" in caplog.text and plan[-1]["end"] == 10
+    callback._trainable = {n for n, p in model.named_parameters()}
+    callback._apply(model, 0, 10)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert model.mrc.gate.weight.requires_grad and not model.recency_embedding.weight.requires_grad
+    callback._apply(model, 6, 10)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_collator_draws_fresh_seeded_negatives():
+    _, processor = make_tiny("llama")
+    rows = [{"history": ["item1", "item2"], "target": "item3", "candidates": []}]
+    first = SpeederDataCollator(processor, num_negatives=9, seed=1)
+    a, b = first(rows), first(rows)
+    again = SpeederDataCollator(processor, num_negatives=9, seed=1)(rows)
+    assert torch.equal(a["candidate_item_index"], again["candidate_item_index"]), "seeded"
+    assert not torch.equal(a["candidate_item_index"], b["candidate_item_index"]), "fresh on every draw"
+    cands = a["candidate_item_index"][0].tolist()
+    assert len(set(cands)) == 10 and 3 in cands and not {1, 2} & set(cands)
+    assert cands[a["labels"][0]] == 3
+    stored = SpeederDataCollator(processor)([{"history": ["item1"], "target": "item3", "candidates": ["item4", "item3"]}])
+    assert stored["candidate_item_index"].tolist() == [[4, 3]] and stored["labels"].tolist() == [1]
+
+
+def toy_rows(n_users=24, seed=0):
+    """Users who always move to the next item id: learnable from features/ids in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    rows = {"user_id": [], "history": [], "target": [], "candidates": []}
+    for u in range(n_users):
+        start = int(rng.integers(0, 30))
+        seq = [ITEM_IDS[start + j] for j in range(6)]
+        rows["user_id"].append(str(u)), rows["history"].append(seq[:-1]), rows["target"].append(seq[-1])
+        rows["candidates"].append([])
+    return Dataset.from_dict(rows)
+
+
+def mpo_callback(trainer) -> SpeederMPOCallback:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpeederMPOCallback))
+
+
+def make_trainer(model, processor, tmp_path, max_steps, **kwargs):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=max_steps,
+                             learning_rate=3e-3, save_steps=max_steps // 2, logging_steps=1, report_to=[],
+                             remove_unused_columns=False, label_names=["labels", "catalog_labels"], use_cpu=True,
+                             disable_tqdm=True, seed=0, **kwargs)
+    return Trainer(model=model, args=args, train_dataset=toy_rows(), data_collator=SpeederDataCollator(processor, num_negatives=5),
+                   processing_class=processor, callbacks=[SpeederMPOCallback()])
+
+
+def test_trainer_trains_and_resumes_in_the_right_stage(tmp_path):
+    model, processor = make_tiny("llama")
+    model.train()
+    trainer = make_trainer(model, processor, tmp_path, max_steps=12)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    assert [s for _, s in mpo_callback(trainer).transitions] == [0, 1, 2]
+    assert any("mpo_stage" in h for h in trainer.state.log_history)
+    # Resume from the mid-run checkpoint (step 6, stage 1) in a fresh trainer: it starts in stage 1, not 0.
+    model2, processor2 = make_tiny("llama")
+    model2.train()
+    resumed = make_trainer(model2, processor2, tmp_path, max_steps=12)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    transitions = mpo_callback(resumed).transitions
+    assert transitions[0] == (6, 1) and resumed.state.global_step == 12
+
+
+def test_peft_lora_save_reload_merge(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, processor = make_tiny("qwen3")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      modules_to_save=["mrc", "recency_embedding", "candidate_head", "query_proj"])
+    peft_model = get_peft_model(model, lora)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("mrc" in n for n in trainable)
+    assert not any("mlp" in n and "lora" not in n for n in trainable), "backbone weights stay frozen"
+    peft_model.train()
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=["item21", "item26", "item27"])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        peft_model(**inputs).loss.backward()
+        optimizer.step(), optimizer.zero_grad()
+    peft_model.eval()
+    eval_inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    with torch.no_grad():
+        trained = peft_model(**eval_inputs).candidate_scores
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base, _ = make_tiny("qwen3")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**eval_inputs).candidate_scores, trained, rtol=0, atol=1e-5)
+    merged = reloaded.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    processor.save_pretrained(tmp_path / "merged")
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**eval_inputs).candidate_scores, trained, rtol=0, atol=1e-5)
