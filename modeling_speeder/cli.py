@@ -14,6 +14,7 @@ def quickstart(args):
     from transformers import AutoModel, AutoProcessor, LlamaConfig
 
     from .conversion.build import build_speeder, make_word_tokenizer
+    from .processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -24,7 +25,7 @@ def quickstart(args):
     centers = torch.randn(8, 32)
     features = {"text": centers[genre] + 0.3 * torch.randn(n, 32), "image": centers[genre][:, :16] + 0.5 * torch.randn(n, 16)}
     presence = {"image": torch.rand(n) > 0.5}
-    tokenizer = make_word_tokenizer(["A user interacted with these items, oldest first: . The item they interact with next is"])
+    tokenizer = make_word_tokenizer([DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE])
     backbone = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=64)
     model, processor = build_speeder(backbone, tokenizer, item_ids, features, presence, learned_id_dim=16,

@@ -11,6 +11,7 @@ from .conversion.build import build_speeder, make_word_tokenizer
 from .conversion.datasets import convert_recbole, convert_unisrec, load_canonical, movielens_100k_path, write_canonical
 from .conversion.features import encode_texts
 from .processing.collator import SpeederDataCollator
+from .processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
 from .training import SpeederMPOCallback, compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,7 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given."""
     splits, items, features, presence = load_canonical(data_dir)
     if backbone is None:
-        from .processing.processing_speeder import SpeederProcessor
-
-        prompt = SpeederProcessor.__init__.__defaults__  # default prompt texts feed the tiny word tokenizer
-        tokenizer = make_word_tokenizer([t for t in prompt if isinstance(t, str)])
+        tokenizer = make_word_tokenizer([DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE])
         backbone = tiny_backbone_config()
     model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
                                      item_titles=items["title"], learned_id_dim=learned_id_dim, **config_kwargs)

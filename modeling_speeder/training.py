@@ -68,6 +68,7 @@ class SpeederMPOCallback(TrainerCallback):
         self.current = None
         self.transitions = []  # (global_step, stage index) each time the stage changes
         self._trainable = None
+        self._plan = None  # (max_steps, stages): the plan, computed (and its warnings logged) once per run
 
     def plan(self, model, max_steps: int) -> list[dict]:
         """The stages kept for this model, each with absolute `start` and `end` steps."""
@@ -96,7 +97,9 @@ class SpeederMPOCallback(TrainerCallback):
 
     def _apply(self, model, step: int, max_steps: int):
         speeder = _unwrap(model)
-        plan = self.plan(model, max_steps)
+        if self._plan is None or self._plan[0] != max_steps:
+            self._plan = (max_steps, self.plan(model, max_steps))
+        plan = self._plan[1]
         stage = next((s for s in plan if s["start"] <= step < s["end"]), plan[-1])
         ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)

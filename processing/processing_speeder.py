@@ -13,6 +13,10 @@ from transformers import BatchEncoding
 from transformers.processing_utils import ProcessorMixin
 
 
+DEFAULT_PROMPT_PREFIX = "A user interacted with these items, oldest first:"
+DEFAULT_PROMPT_BRIDGE = ". The item they interact with next is"
+
+
 def catalog_fingerprint(item_ids: Sequence[str]) -> str:
     """Short hash of an ordered catalog; the model's config stores it to catch a mismatched processor."""
     return hashlib.sha256("\n".join(item_ids).encode("utf-8")).hexdigest()[:16]
@@ -48,8 +52,8 @@ class SpeederProcessor(ProcessorMixin):
         max_history: int = 20,
         tokens_per_item: int = 1,
         item_level_position_ids: bool = True,
-        prompt_prefix: str = "A user interacted with these items, oldest first:",
-        prompt_bridge: str = ". The item they interact with next is",
+        prompt_prefix: str = DEFAULT_PROMPT_PREFIX,
+        prompt_bridge: str = DEFAULT_PROMPT_BRIDGE,
         item_token: str = "<|item|>",
         query_token: str = "<|query|>",
         chat_template=None,
@@ -200,4 +204,4 @@ class SpeederProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "position_ids", "item_token_index", "recency_index", "candidate_item_index"]
 
 
-__all__ = ["SpeederProcessor", "catalog_fingerprint"]
+__all__ = ["DEFAULT_PROMPT_BRIDGE", "DEFAULT_PROMPT_PREFIX", "SpeederProcessor", "catalog_fingerprint"]

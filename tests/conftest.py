@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Config  # noqa: E402
 
 from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer  # noqa: E402
+from modeling_speeder.processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX  # noqa: E402
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=64, max_position_embeddings=512)
@@ -23,7 +24,7 @@ BACKBONES = {
 }
 NUM_ITEMS = 40
 ITEM_IDS = [f"item{i}" for i in range(NUM_ITEMS)]
-PROMPT_TEXT = "A user interacted with these items, oldest first: . The item they interact with next is"
+PROMPT_TEXT = f"{DEFAULT_PROMPT_PREFIX} {DEFAULT_PROMPT_BRIDGE}"
 
 
 def make_catalog_features(seed=0, image_missing=0.3):
