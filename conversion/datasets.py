@@ -171,7 +171,7 @@ def convert_recbole(directory: str | os.PathLike, name: str, **split_kwargs):
     for i in order:
         sequences.setdefault(inter[i]["user_id"], []).append(inter[i]["item_id"])
     item_ids = sorted({r["item_id"] for r in inter} | set(titles), key=lambda x: (len(x), x))
-    items = {"item_id": item_ids, "title": [titles.get(i, i) for i in item_ids], "text": [texts.get(i, "") for i in item_ids]}
+    items = _items_table(item_ids, {i: titles.get(i, i) for i in item_ids}, texts)
     return leave_one_out(sequences, item_ids, **split_kwargs), items
 
 
@@ -197,8 +197,7 @@ def convert_unisrec(directory: str | os.PathLike, name: str, **split_kwargs):
     for row in _read_table(directory / f"{name}.test.inter"):
         seq = [item_ids[int(i)] for i in row["item_id_list"].split()] + [item_ids[int(row["item_id"])]]
         sequences[row["user_id"]] = seq
-    items = {"item_id": item_ids, "title": [texts.get(a, "").split(". ")[0] for a in item_ids],
-             "text": [texts.get(a, "") for a in item_ids]}
+    items = _items_table(item_ids, {a: texts.get(a, "").split(". ")[0] for a in item_ids}, texts)
     features = {}
     for modality, suffix in (("text", "feat1CLS"), ("image", "feat3CLS")):
         path = directory / f"{name}.{suffix}"
@@ -220,4 +219,207 @@ def movielens_100k_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "dataset_example" / "ml-100k"
 
 
-__all__ = ["convert_recbole", "convert_unisrec", "leave_one_out", "load_canonical", "movielens_100k_path", "write_canonical"]
+
+
+def _items_table(item_ids, titles=None, texts=None, images=None) -> dict:
+    titles, texts, images = titles or {}, texts or {}, images or {}
+    table = {"item_id": list(item_ids), "title": [titles.get(i, "") for i in item_ids],
+             "text": [texts.get(i, "") for i in item_ids]}
+    if images:
+        table["image"] = [images.get(i, "") for i in item_ids]
+    return table
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def convert_s3rec(directory: str | os.PathLike, name: str, **split_kwargs):
+    """S3Rec text files: `<name>.txt` (`user item1 item2 ...`, time-ordered), optional
+    `<name>_item2attributes.json`, and, where present, LLM-RecSys-ID's `datamaps.json` (ids -> ASINs and attribute
+    names) and `item_generative_indexing_phase_0.txt` (ASIN -> short title). Returns (splits, items)."""
+    directory = Path(directory)
+    path = directory / f"{name}.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    sequences = {}
+    for line_no, line in enumerate(open(path, encoding="utf-8"), start=1):
+        fields = line.split()
+        if len(fields) < 2:
+            raise ValueError(f"{path}, line {line_no}: expected 'user item1 item2 ...', got {line.strip()!r}")
+        sequences[fields[0]] = fields[1:]
+    if not sequences:
+        raise ValueError(f"{path} is empty")
+    maps = _read_json(directory / "datamaps.json") if (directory / "datamaps.json").exists() else {}
+    to_external = maps.get("id2item", {})
+    # S3Rec attribute j (1-based) = the j-th LLM-RecSys-ID attribute id, ascending, among those seen >= 5 times.
+    frequent = sorted((int(a) for a, n in maps.get("attributeid2num", {}).items() if n >= 5))
+    attribute_name = {j + 1: maps["id2attribute"][str(a)] for j, a in enumerate(frequent)}
+    attrs_path = directory / f"{name}_item2attributes.json"
+    attributes = _read_json(attrs_path) if attrs_path.exists() else {}
+    short_titles = {}
+    titles_path = directory / "item_generative_indexing_phase_0.txt"
+    if titles_path.exists():
+        for line in open(titles_path, encoding="utf-8"):
+            asin, _, phrase = line.rstrip("\n").partition(" ")
+            short_titles[asin] = phrase
+    external = lambda i: to_external.get(i, i)  # noqa: E731
+    sequences = {u: [external(i) for i in seq] for u, seq in sequences.items()}
+    ids = sorted({i for seq in sequences.values() for i in seq} | {external(i) for i in attributes})
+    texts = {external(i): ", ".join(attribute_name.get(a, str(a)) for a in attrs) for i, attrs in attributes.items()}
+    items = _items_table(ids, {i: short_titles.get(i, i) for i in ids}, texts)
+    return leave_one_out(sequences, ids, **split_kwargs), items
+
+
+def convert_lcrec(directory: str | os.PathLike, name: str, **split_kwargs):
+    """LC-Rec JSON: `<name>.inter.json` ({user: [item, ...]} time-ordered) and `<name>.item.json`
+    ({item: {"title": ..., "description": ...}}). Returns (splits, items)."""
+    directory = Path(directory)
+    inter = _read_json(directory / f"{name}.inter.json")
+    meta = _read_json(directory / f"{name}.item.json")
+    if not isinstance(inter, dict) or not isinstance(meta, dict):
+        raise ValueError(f"{directory}: LC-Rec files must hold JSON objects keyed by user / item id")
+    sequences = {str(u): [str(i) for i in seq] for u, seq in inter.items()}
+    ids = sorted(meta, key=lambda x: (len(x), x))
+    titles = {str(i): str(m.get("title", "")) for i, m in meta.items()}
+    texts = {str(i): " ".join(str(m.get(k, "")) for k in ("title", "description", "categories", "brand") if m.get(k))
+             for i, m in meta.items()}
+    return leave_one_out(sequences, [str(i) for i in ids], **split_kwargs), _items_table([str(i) for i in ids], titles, texts)
+
+
+def _k_core(rows: list[tuple[str, str, float, int]], k: int):
+    """Drop users and items with fewer than k interactions until none is left (the usual iterative k-core)."""
+    from collections import Counter
+
+    while True:
+        users, items = Counter(r[0] for r in rows), Counter(r[1] for r in rows)
+        kept = [r for r in rows if users[r[0]] >= k and items[r[1]] >= k]
+        if len(kept) == len(rows):
+            return kept
+        rows = kept
+
+
+def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_core: int = 5, **split_kwargs):
+    """Raw Amazon Reviews 2023 JSONL: a reviews file (user_id, parent_asin, timestamp) and a meta file
+    (parent_asin, title, features, description, images). k-core filtered, ordered by timestamp (ties by file
+    order); the first large image URL of each item is kept as its image reference. Returns (splits, items)."""
+    reviews, meta = Path(reviews), Path(meta)
+    rows = []
+    for path, required in ((reviews, ("user_id", "parent_asin", "timestamp")), (meta, ("parent_asin",))):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty")
+    for line_no, line in enumerate(open(reviews, encoding="utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{reviews}, line {line_no}: not JSON ({err})") from None
+        missing = [c for c in ("user_id", "parent_asin", "timestamp") if c not in r]
+        if missing:
+            raise ValueError(f"{reviews}, line {line_no}: missing {missing}")
+        rows.append((str(r["user_id"]), str(r["parent_asin"]), float(r["timestamp"]), line_no))
+    metadata = {}
+    for line_no, line in enumerate(open(meta, encoding="utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta}, line {line_no}: not JSON ({err})") from None
+        if "parent_asin" not in m:
+            raise ValueError(f"{meta}, line {line_no}: missing ['parent_asin']")
+        if m["parent_asin"] in metadata:
+            raise ValueError(f"{meta}, line {line_no}: duplicate item id {m['parent_asin']!r}")
+        metadata[m["parent_asin"]] = m
+    unknown = sorted({r[1] for r in rows} - set(metadata))
+    if unknown:
+        raise ValueError(f"{reviews}: {len(unknown)} items have no metadata in {meta.name}, e.g. {unknown[:5]}")
+    rows = sorted(_k_core(rows, k_core), key=lambda r: (r[2], r[3]))
+    sequences = {}
+    for user, item, _, _ in rows:
+        sequences.setdefault(user, []).append(item)
+    ids = sorted({r[1] for r in rows})
+    titles = {i: str(metadata[i].get("title") or "") for i in ids}
+    texts = {i: " ".join([titles[i], *map(str, metadata[i].get("features") or []), *map(str, metadata[i].get("description") or [])]).strip()
+             for i in ids}
+    images = {}
+    for i in ids:
+        for image in metadata[i].get("images") or []:
+            url = image.get("large") or image.get("hi_res") or image.get("thumb") if isinstance(image, dict) else image
+            if url:
+                images[i] = url
+                break
+    return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
+
+
+def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None = None, **split_kwargs):
+    """Plain CSV: interactions with user_id, item_id and optional timestamp columns (no timestamp: file order),
+    and an optional items CSV with item_id and any of title, text, image. Returns (splits, items)."""
+    import csv
+
+    interactions = Path(interactions)
+    if not interactions.exists():
+        raise FileNotFoundError(f"{interactions} does not exist")
+    with open(interactions, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{interactions} is empty")
+        missing = [c for c in ("user_id", "item_id") if c not in reader.fieldnames]
+        if missing:
+            raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames})")
+        rows = list(reader)
+    if "timestamp" in (rows[0] if rows else {}):
+        rows = sorted(rows, key=lambda r: float(r["timestamp"]))  # stable: ties keep file order
+    sequences = {}
+    for r in rows:
+        sequences.setdefault(r["user_id"], []).append(r["item_id"])
+    titles, texts, images, ids = {}, {}, {}, sorted({r["item_id"] for r in rows})
+    if items is not None:
+        with open(items, newline="", encoding="utf-8") as f:
+            table = list(csv.DictReader(f))
+        if not table or "item_id" not in table[0]:
+            raise ValueError(f"{items} has no item_id column")
+        seen = set()
+        for line_no, r in enumerate(table, start=2):
+            if r["item_id"] in seen:
+                raise ValueError(f"{items}, line {line_no}: duplicate item id {r['item_id']!r}")
+            seen.add(r["item_id"])
+            titles[r["item_id"]], texts[r["item_id"]] = r.get("title", ""), r.get("text", "")
+            if r.get("image"):
+                images[r["item_id"]] = r["image"]
+        ids = sorted(seen | set(ids))
+    return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
+
+
+__all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",
+           "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
+
+
+def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tensor], presence: Mapping[str, torch.Tensor]):
+    """Merge modalities into `<data_dir>/features.safetensors` (others kept), written to a temporary file first."""
+    data_dir = Path(data_dir)
+    items = Dataset.from_parquet(str(data_dir / "items.parquet"))
+    path = data_dir / "features.safetensors"
+    tensors = load_file(path) if path.exists() else {}
+    for m, x in features.items():
+        if x.shape[0] != len(items):
+            raise ValueError(f"Feature '{m}' has {x.shape[0]} rows but {data_dir / 'items.parquet'} has {len(items)} items")
+        mask = presence.get(m, torch.ones(len(items), dtype=torch.bool)).bool()
+        bad = (~torch.isfinite(x).all(-1) & mask).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"Feature '{m}' holds NaN or inf in rows {bad[:10].tolist()}")
+        tensors[m] = x.float().contiguous()
+        tensors[f"presence_{m}"] = mask.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(path)

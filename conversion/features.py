@@ -1,12 +1,21 @@
-"""Item feature extraction with frozen encoders, cached to safetensors."""
+"""Item feature extraction with frozen encoders, cached to safetensors in resumable batches.
+
+Every extractor returns `(features (N, d), presence (N,) bool)`. An item whose input is missing or unreadable
+gets presence False and a zero row that is never read: a zero vector is never passed off as a real feature.
+"""
 
 import importlib.util
+import io
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 def default_text_encoder_path() -> Path:
@@ -18,23 +27,142 @@ def default_text_encoder_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
+def run_in_batches(n: int, batch_size: int, encode: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+                   cache_dir: str | os.PathLike | None = None, desc: str = "features"):
+    """Call `encode(start, end)` -> (features, presence) for each batch, with a progress bar. With `cache_dir`,
+    each finished batch is saved there (written to a temporary name, then renamed) and skipped on a rerun, so an
+    interrupted extraction resumes where it stopped."""
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    parts, present = [], []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+        end = min(start + batch_size, n)
+        path = cache / f"batch_{start:09d}_{end:09d}.safetensors" if cache is not None else None
+        if path is not None and path.exists():
+            saved = load_file(path)
+            x, p = saved["features"], saved["presence"]
+        else:
+            x, p = encode(start, end)
+            x, p = x.float().contiguous(), p.bool().contiguous()
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                save_file({"features": x, "presence": p}, tmp)
+                tmp.rename(path)
+        parts.append(x), present.append(p)
+    features, presence = torch.cat(parts), torch.cat(present)
+    bad = (~torch.isfinite(features).all(-1) & presence).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"The encoder produced NaN or inf for items {bad[:10].tolist()}")
+    return features, presence
+
+
 @torch.inference_mode()
 def encode_texts(texts: Sequence[str], encoder: str | os.PathLike | None = None, batch_size: int = 64,
-                 max_length: int = 128) -> torch.Tensor:
-    """(N, d) sentence embeddings: any Transformers encoder (hub id or local path), mean-pooled over tokens and
-    L2-normalised as sentence-transformers does. Default: all-MiniLM-L6-v2, offline."""
+                 max_length: int = 128, cache_dir=None):
+    """Sentence embeddings from any Transformers encoder (hub id or local path), mean-pooled over tokens and
+    L2-normalised as sentence-transformers does. Default: all-MiniLM-L6-v2, offline. Empty texts are absent."""
     from transformers import AutoModel, AutoTokenizer
 
     path = str(encoder or default_text_encoder_path())
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="text features", unit="batch"):
-        batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
+
+    def encode(start, end):
+        batch_texts = [str(t or "") for t in texts[start:end]]
+        present = torch.tensor([bool(t.strip()) for t in batch_texts])
+        batch = tokenizer([t or " " for t in batch_texts], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
         hidden = model(**batch).last_hidden_state  # (b, t, d)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+        x = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return torch.where(present[:, None], x, 0.0), present
+
+    return run_in_batches(len(texts), batch_size, encode, cache_dir, desc="text features")
 
 
-__all__ = ["default_text_encoder_path", "encode_texts"]
+def load_image(ref, timeout: float = 10.0):
+    """A PIL image from a local path, raw bytes or an http(s) URL; None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        if ref is None or ref == "":
+            return None
+        if isinstance(ref, (bytes, bytearray)):
+            data = io.BytesIO(ref)
+        elif str(ref).startswith(("http://", "https://")):
+            import urllib.request
+
+            with urllib.request.urlopen(str(ref), timeout=timeout) as response:  # noqa: S310 (http(s) only)
+                data = io.BytesIO(response.read())
+        else:
+            data = str(ref)
+        return Image.open(data).convert("RGB")
+    except Exception as err:  # unreadable images become absent, with the reason logged
+        logger.warning("image %r unreadable: %s", str(ref)[:100], err)
+        return None
+
+
+@torch.inference_mode()
+def encode_images(images: Sequence, encoder: str | os.PathLike, batch_size: int = 32, cache_dir=None):
+    """Image embeddings from any Transformers vision or CLIP/SigLIP model (hub id or local path). `images`: per
+    item a local path, bytes, an http(s) URL or None. Items whose image is missing or unreadable are absent."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = AutoImageProcessor.from_pretrained(str(encoder))
+    model = AutoModel.from_pretrained(str(encoder)).eval()
+    return encode_images_with(images, model, processor, batch_size, cache_dir)
+
+
+def _image_embedding(model, pixel_values):
+    if hasattr(model, "get_image_features"):  # CLIP / SigLIP: the projected embedding
+        out = model.get_image_features(pixel_values=pixel_values)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+    out = model(pixel_values=pixel_values)
+    for name in ("image_embeds", "pooler_output"):
+        if getattr(out, name, None) is not None:
+            return out[name].flatten(1)
+    return out.last_hidden_state.mean(1)
+
+
+@torch.inference_mode()
+def encode_images_with(images: Sequence, model, processor, batch_size: int = 32, cache_dir=None):
+    """`encode_images` with an already loaded model and image processor."""
+    width = None
+
+    def encode(start, end):
+        nonlocal width
+        loaded = [load_image(ref) for ref in images[start:end]]
+        present = torch.tensor([img is not None for img in loaded])
+        if not present.any():
+            if width is None:  # learn the embedding width from a blank image
+                from PIL import Image
+
+                blank = processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+                width = _image_embedding(model, blank["pixel_values"]).shape[-1]
+            return torch.zeros(end - start, width), present
+        pixels = processor(images=[img for img in loaded if img is not None], return_tensors="pt")["pixel_values"]
+        emb = _image_embedding(model, pixels)
+        width = emb.shape[-1]
+        x = torch.zeros(end - start, width)
+        x[present] = emb.float()
+        return x, present
+
+    return run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
+
+
+def collaborative_features(train_sequences: Sequence[Sequence[int]], num_items: int, epochs: int = 30, seed: int = 0,
+                           **sasrec_kwargs):
+    """The `id` modality: item embeddings of a SASRec trained on the training split (catalog rows, oldest first).
+    Returns (features, presence, model); items never seen in training are absent."""
+    from ..sasrec import train_sasrec
+
+    model = train_sasrec(train_sequences, num_items, epochs=epochs, seed=seed, **sasrec_kwargs)
+    seen = torch.zeros(num_items, dtype=torch.bool)
+    for seq in train_sequences:
+        seen[list(seq)] = True
+    features = torch.where(seen[:, None], model.item_embeddings(), 0.0)
+    return features, seen, model
+
+
+__all__ = ["collaborative_features", "default_text_encoder_path", "encode_images", "encode_images_with",
+           "encode_texts", "load_image", "run_in_batches"]

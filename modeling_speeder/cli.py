@@ -81,6 +81,95 @@ def demo(args):
     print(f"checkpoint, processor and report.json in {output}")
 
 
+CONVERTERS = ("movielens-100k", "recbole", "unisrec", "s3rec", "lcrec", "amazon2023", "csv")
+
+
+def convert(args):
+    """Raw data -> the canonical dataset folder (splits with seeded candidates, items, features where given)."""
+    from pathlib import Path
+
+    from .conversion import datasets as ds
+
+    start = time.perf_counter()
+    split = dict(num_negatives=args.negatives, seed=args.seed)
+    features = {}
+    if args.format in ("movielens-100k", "recbole"):
+        directory = ds.movielens_100k_path() if args.format == "movielens-100k" else Path(args.input)
+        splits, items = ds.convert_recbole(directory, args.name or "ml-100k", **split)
+    elif args.format == "unisrec":
+        splits, items, features = ds.convert_unisrec(args.input, args.name, **split)
+    elif args.format == "s3rec":
+        splits, items = ds.convert_s3rec(args.input, args.name, **split)
+    elif args.format == "lcrec":
+        splits, items = ds.convert_lcrec(args.input, args.name, **split)
+    elif args.format == "amazon2023":
+        splits, items = ds.convert_amazon2023(args.input, args.meta, k_core=args.k_core, **split)
+    else:
+        splits, items = ds.convert_csv(args.input, args.items, **split)
+    stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}")
+    stats["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(stats, indent=2))
+
+
+def features(args):
+    """Extract item features with frozen encoders into <data>/features.safetensors (resumable batches)."""
+    from pathlib import Path
+
+    from .conversion import datasets as ds
+    from .conversion import features as fx
+
+    data = Path(args.data)
+    splits, items, _, _ = ds.load_canonical(data)
+    cache = data / ".feature_cache"
+    new, presence, timings = {}, {}, {}
+    if args.text:
+        start = time.perf_counter()
+        texts = [t or title for t, title in zip(items["text"], items["title"])]
+        new["text"], presence["text"] = fx.encode_texts(texts, args.text_encoder, cache_dir=cache / "text")
+        timings["text"] = round(time.perf_counter() - start, 1)
+    if args.image_encoder:
+        if "image" not in items.column_names:
+            raise ValueError(f"{data / 'items.parquet'} has no image column to encode")
+        start = time.perf_counter()
+        new["image"], presence["image"] = fx.encode_images(items["image"], args.image_encoder, cache_dir=cache / "image")
+        timings["image"] = round(time.perf_counter() - start, 1)
+    if args.collaborative:
+        start = time.perf_counter()
+        index = {item: row for row, item in enumerate(items["item_id"])}
+        sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]  # training sequences only
+        new["id"], presence["id"], sasrec = fx.collaborative_features(sequences, len(index), epochs=args.sasrec_epochs)
+        sasrec.save_pretrained(data / "sasrec")
+        timings["id"] = round(time.perf_counter() - start, 1)
+    if not new:
+        raise SystemExit("Nothing to extract: pass --text, --image-encoder and/or --collaborative")
+    ds.save_features(data, new, presence)
+    print(json.dumps({m: {"shape": list(x.shape), "present": int(presence[m].sum()), "seconds": timings[m]}
+                      for m, x in new.items()}, indent=2))
+
+
+
+def build(args):
+    """Base LLM + dataset folder (items, features) -> a Speeder checkpoint and processor."""
+    from .conversion.build import build_speeder, load_backbone
+    from .conversion.datasets import load_canonical
+
+    start = time.perf_counter()
+    _, items, feats, presence = load_canonical(args.data)
+    if not feats and not args.learned_id_dim:
+        raise SystemExit(f"{args.data} has no features: run `speeder features` first, or pass --learned-id-dim")
+    backbone, tokenizer = load_backbone(args.backbone)
+    model, processor = build_speeder(
+        backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"],
+        learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
+        expert_hidden_size=args.expert_hidden_size,
+    )
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(json.dumps({"output": args.output, "backbone": args.backbone, "items": model.config.num_items,
+                      "modalities": list(model.mrc.modalities), "parameters": sum(p.numel() for p in model.parameters()),
+                      "seconds": round(time.perf_counter() - start, 1)}, indent=2))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +178,34 @@ def main(argv=None):
     p.add_argument("--num-items", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=quickstart)
+    p = commands.add_parser("convert", help="raw data -> canonical dataset folder")
+    p.add_argument("--format", required=True, choices=CONVERTERS)
+    p.add_argument("--input", help="folder (recbole, unisrec, s3rec, lcrec) or file (amazon2023 reviews, csv)")
+    p.add_argument("--name", help="file stem inside the folder, e.g. Scientific, Beauty, ml-100k")
+    p.add_argument("--meta", help="amazon2023: the meta JSONL file")
+    p.add_argument("--items", help="csv: an optional items CSV")
+    p.add_argument("--k-core", type=int, default=5)
+    p.add_argument("--negatives", type=int, default=19)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=convert)
+    p = commands.add_parser("features", help="item features with frozen encoders -> <data>/features.safetensors")
+    p.add_argument("--data", required=True)
+    p.add_argument("--text", action="store_true", help="text features (default encoder: all-MiniLM-L6-v2, offline)")
+    p.add_argument("--text-encoder", default=None, help="hub id or local path of any Transformers text encoder")
+    p.add_argument("--image-encoder", default=None, help="hub id or local path of a CLIP / SigLIP / vision model")
+    p.add_argument("--collaborative", action="store_true", help="train SASRec; its item embeddings become 'id'")
+    p.add_argument("--sasrec-epochs", type=int, default=30)
+    p.set_defaults(run=features)
+    p = commands.add_parser("build", help="base LLM + dataset -> Speeder checkpoint and processor")
+    p.add_argument("--data", required=True)
+    p.add_argument("--backbone", required=True, help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tokens-per-item", type=int, default=1)
+    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--learned-id-dim", type=int, default=0)
+    p.add_argument("--expert-hidden-size", type=int, default=256)
+    p.set_defaults(run=build)
     p = commands.add_parser("demo", help="convert a real dataset, train through MPO, evaluate (no network)")
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific"])
     p.add_argument("--output", default="outputs/demo")

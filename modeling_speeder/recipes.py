@@ -38,7 +38,8 @@ def prepare_dataset(name: str, output: Path) -> dict:
         splits, items, features = convert_unisrec(source, "Scientific")
     elif name == "ml-100k":
         splits, items = convert_recbole(movielens_100k_path(), "ml-100k")
-        features = {"text": encode_texts(items["text"])}
+        text, _ = encode_texts(items["text"])
+        features = {"text": text}
     else:
         raise ValueError(f"Unknown dataset {name!r}: expected 'ml-100k' or 'scientific'")
     stats = write_canonical(output, splits, items, features, source=name)
