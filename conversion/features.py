@@ -106,10 +106,14 @@ def load_image(ref, timeout: float = 10.0):
 def encode_images(images: Sequence, encoder: str | os.PathLike, batch_size: int = 32, cache_dir=None):
     """Image embeddings from any Transformers vision or CLIP/SigLIP model (hub id or local path). `images`: per
     item a local path, bytes, an http(s) URL or None. Items whose image is missing or unreadable are absent."""
-    from transformers import AutoImageProcessor, AutoModel
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
     processor = AutoImageProcessor.from_pretrained(str(encoder))
-    model = AutoModel.from_pretrained(str(encoder)).eval()
+    # The checkpoint's own class keeps heads AutoModel would drop (the projection of CLIPVisionModelWithProjection).
+    architectures = AutoConfig.from_pretrained(str(encoder)).architectures or []
+    model_class = getattr(transformers, architectures[0], AutoModel) if architectures else AutoModel
+    model = model_class.from_pretrained(str(encoder)).eval()
     return encode_images_with(images, model, processor, batch_size, cache_dir)
 
 

