@@ -72,13 +72,13 @@ def demo(args):
     sasrec = recipes.sasrec_baseline(splits, processor.item_ids, epochs=args.sasrec_epochs, eval_rows=args.eval_rows,
                                      seed=args.seed)
     report["sasrec"] = sasrec
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    recipes.write_report(output, report)
     print(f"SASRec trained in {sasrec['train_seconds']}s. Metrics with 20 candidates (target + 19 seeded negatives):")
     recipes.print_metrics_table({"Speeder, validation": report["validation"], "Speeder, test": report["test"],
                                  "SASRec, validation": sasrec["validation"], "SASRec, test": sasrec["test"]})
     print(f"SASRec full-catalog (history excluded) test HR@10 {sasrec['test']['full_hr@10']:.4f}, "
           f"NDCG@10 {sasrec['test']['full_ndcg@10']:.4f}")
-    print(f"checkpoint, processor and report.json in {output}")
+    print(f"checkpoint, processor, report.json and plots in {output}")
 
 
 CONVERTERS = ("movielens-100k", "recbole", "unisrec", "s3rec", "lcrec", "amazon2023", "csv")
@@ -170,6 +170,80 @@ def build(args):
                       "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
 
+def _load_config(args, parser):
+    """Values from a YAML or JSON --config file, for every option not given on the command line."""
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    with open(args.config, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if not hasattr(args, dest):
+            raise SystemExit(f"{args.config}: unknown option {key!r}")
+        if getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, value)
+    return args
+
+
+def train_command(args):
+    """Train a Speeder on a canonical dataset with transformers.Trainer (MPO, optional LoRA), then evaluate."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pathlib import Path
+
+    from . import recipes
+    from .conversion.build import build_speeder, load_backbone
+    from .conversion.datasets import load_canonical
+
+    splits, items, feats, presence = load_canonical(args.data)
+    if args.model:
+        from transformers import AutoModel, AutoProcessor
+
+        model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+        model.check_catalog(processor)
+    else:
+        wanted = set(args.modalities.split(",")) if args.modalities else None
+        if wanted:
+            feats = {m: x for m, x in feats.items() if m in wanted}
+            presence = {m: x for m, x in presence.items() if m in wanted}
+        learned_id = args.learned_id_dim if (wanted is None or "id" in wanted) and "id" not in feats else 0
+        backbone, tokenizer = load_backbone(args.backbone)
+        model, processor = build_speeder(
+            backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"], learned_id_dim=learned_id,
+            tokens_per_item=args.tokens_per_item, max_history=args.max_history, expert_hidden_size=args.expert_hidden_size,
+            use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
+            catalog_loss_weight=args.catalog_loss_weight,
+        )
+    report = recipes.train(model, processor, splits, Path(args.output), max_steps=args.steps, batch_size=args.batch_size,
+                           learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows, resume=args.resume,
+                           mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
+                           save_steps=args.save_steps)
+    if "test" in report:
+        print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
+        recipes.print_metrics_table({"validation": report["validation"], "test": report["test"]})
+        print(f"test full-catalog HR@10 {report['test']['full_hr@10']:.4f}, NDCG@10 {report['test']['full_ndcg@10']:.4f}")
+
+
+def evaluate_command(args):
+    """Evaluate a saved checkpoint on a canonical dataset split: report.json and PNG plots."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoProcessor
+
+    from . import recipes
+    from .conversion.datasets import load_canonical
+
+    splits, _, _, _ = load_canonical(args.data)
+    model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+    model.check_catalog(processor)
+    metrics = recipes.evaluate_split(model, processor, recipes.select(splits[args.split], args.eval_rows))
+    recipes.write_report(Path(args.output), {args.split: metrics})
+    recipes.print_metrics_table({args.split: metrics})
+    print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +280,39 @@ def main(argv=None):
     p.add_argument("--learned-id-dim", type=int, default=0)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.set_defaults(run=build)
+    p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
+    p.add_argument("--config", help="YAML or JSON file with any of these options")
+    p.add_argument("--data", required=False)
+    p.add_argument("--model", help="a checkpoint folder from `speeder build`; else one is built from --backbone")
+    p.add_argument("--backbone", default="tiny-llama")
+    p.add_argument("--output", default="outputs/train")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save-steps", type=int, default=None)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
+    p.add_argument("--no-mpo", action="store_true", help="ablation: all modalities from step 0")
+    p.add_argument("--no-recency", action="store_true", help="ablation: no SPAE recency embeddings")
+    p.add_argument("--no-item-positions", action="store_true", help="ablation: plain token position ids")
+    p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")
+    p.add_argument("--learned-id-dim", type=int, default=64)
+    p.add_argument("--tokens-per-item", type=int, default=1)
+    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--expert-hidden-size", type=int, default=256)
+    p.add_argument("--catalog-loss-weight", type=float, default=0.0)
+    p.add_argument("--eval-rows", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=train_command)
+    p = commands.add_parser("evaluate", help="evaluate a checkpoint: report.json and PNG plots")
+    p.add_argument("--config")
+    p.add_argument("--model", required=False)
+    p.add_argument("--data", required=False)
+    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.add_argument("--output", default="outputs/evaluate")
+    p.add_argument("--eval-rows", type=int, default=None)
+    p.set_defaults(run=evaluate_command)
     p = commands.add_parser("demo", help="convert a real dataset, train through MPO, evaluate (no network)")
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific"])
     p.add_argument("--output", default="outputs/demo")
@@ -217,6 +324,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=demo)
     args = parser.parse_args(argv)
+    args = _load_config(args, commands.choices[args.command])
+    missing = [flag for flag in ("data", "model") if flag in ("data",) + (("model",) if args.command == "evaluate" else ())
+               and getattr(args, flag, "") is None]
+    if missing:
+        parser.error(f"{args.command} needs --{' and --'.join(missing)} (on the command line or in --config)")
     args.run(args)
 
 

@@ -66,39 +66,141 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     return model, processor, splits
 
 
+HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, None))
+
+
+def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """LoRA on the backbone; the MRC experts and gate, SPAE embeddings and heads stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                        modules_to_save=["mrc", "recency_embedding", "candidate_head", "query_proj"])
+    return get_peft_model(model, config)
+
+
 def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, learning_rate=1e-3, seed=0,
-          eval_rows=None, resume=False, mpo=True, **training_kwargs):
-    """Train with `transformers.Trainer` (MPO callback, fresh negatives), evaluate on validation and test."""
+          eval_rows=None, resume=False, mpo=True, lora_r=0, gradient_accumulation_steps=1, save_steps=None,
+          **training_kwargs):
+    """Train with `transformers.Trainer` (MPO callback, fresh negatives, optional LoRA), save the (merged)
+    checkpoint and processor under output/model, evaluate validation and test, write report.json and plots."""
     from transformers import Trainer, TrainingArguments
 
+    output = Path(output)
+    if lora_r:
+        model = apply_lora(model, lora_r)
     args = TrainingArguments(
         output_dir=str(output / "trainer"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
         max_steps=max_steps, learning_rate=learning_rate, warmup_steps=max(1, max_steps // 20), weight_decay=0.01,
-        logging_steps=max(1, max_steps // 20), save_steps=max(1, max_steps // 4), save_total_limit=2,
+        logging_steps=max(1, max_steps // 20), save_steps=save_steps or max(1, max_steps // 4), save_total_limit=2,
         remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=seed,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **training_kwargs,
+        gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **training_kwargs,
     )
-    evaluation = {s: splits[s] if eval_rows is None else splits[s].select(range(min(eval_rows, len(splits[s]))))
-                  for s in ("validation", "test")}
     trainer = Trainer(
-        model=model, args=args, train_dataset=splits["train"], eval_dataset=evaluation["validation"],
-        data_collator=SpeederDataCollator(processor, seed=seed), processing_class=processor,
-        compute_metrics=compute_metrics, callbacks=[SpeederMPOCallback()] if mpo else [],
+        model=model, args=args, train_dataset=splits["train"], data_collator=SpeederDataCollator(processor, seed=seed),
+        processing_class=processor, compute_metrics=compute_metrics, callbacks=[SpeederMPOCallback()] if mpo else [],
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume or None)
     train_seconds = time.perf_counter() - start
-    model.eval()
-    report = {"train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
-              "examples_per_second": round(trainer.state.global_step * batch_size / train_seconds, 1),
-              "log_history": trainer.state.log_history}
-    for split, data in evaluation.items():
-        metrics = trainer.evaluate(data, metric_key_prefix=split)
-        report[split] = {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
+    if lora_r:
+        model.save_pretrained(output / "adapter")
+        model = model.merge_and_unload()
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    report = {"train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
+              "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
+              "log_history": trainer.state.log_history}
+    if args.process_index == 0:
+        for split in ("validation", "test"):
+            report[split] = evaluate_split(model, processor, select(splits[split], eval_rows))
+        write_report(output, report)
     return report
+
+
+def select(data, rows):
+    return data if rows is None else data.select(range(min(rows, len(data))))
+
+
+@torch.inference_mode()
+def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
+    """Protocol P metrics (candidate head, stored candidates), by history-length bucket, and protocol R
+    (catalog head, whole catalog with history items excluded)."""
+    from .training import ranking_metrics
+
+    model.eval()
+    scores, labels, ranks, lengths = [], [], [], []
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"]).to(model.device)
+        out = model(**inputs, return_catalog_scores=True)
+        scores.append(out.candidate_scores.float().cpu())
+        labels.append(inputs["labels"].cpu())
+        catalog = out.catalog_scores.float()
+        targets = inputs["catalog_labels"]
+        target_scores = catalog.gather(1, targets[:, None])
+        for b, history in enumerate(rows["history"]):
+            catalog[b, [processor.item_index(i) for i in history]] = float("-inf")
+        catalog.scatter_(1, targets[:, None], target_scores)
+        ranks.append(((catalog >= target_scores).sum(1) - 1).cpu())
+        lengths += [len(h) for h in rows["history"]]
+    scores, labels, ranks, lengths = torch.cat(scores), torch.cat(labels), torch.cat(ranks), torch.tensor(lengths)
+    report = ranking_metrics(scores.numpy(), labels.numpy())
+    report["full_hr@10"] = float((ranks < 10).float().mean())
+    report["full_ndcg@10"] = float(((ranks < 10) / torch.log2(ranks.float() + 2)).mean())
+    report["users"] = len(labels)
+    report["by_history_length"] = {}
+    for low, high in HISTORY_BUCKETS:
+        keep = (lengths >= low) & (lengths <= (high or 10**9))
+        if keep.any():
+            name = f"{low}-{high}" if high else f"{low}+"
+            report["by_history_length"][name] = dict(ranking_metrics(scores[keep].numpy(), labels[keep].numpy()),
+                                                     users=int(keep.sum()))
+    return report
+
+
+def write_report(output: Path, report: dict):
+    """report.json plus PNG plots: metrics by history-length bucket, and the training curve with MPO stages."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: report.json written, plots skipped")
+        return
+    split = "test" if "test" in report else next((k for k in ("validation",) if k in report), None)
+    if split and report[split].get("by_history_length"):
+        buckets = report[split]["by_history_length"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = range(len(buckets))
+        for offset, metric in ((-0.2, "hr@1"), (0.2, "ndcg@10")):
+            ax.bar([i + offset for i in x], [b[metric] for b in buckets.values()], width=0.4, label=metric.upper())
+        ax.set_xticks(list(x), [f"{k}\n(n={b['users']})" for k, b in buckets.items()])
+        ax.set_xlabel("history length (items)")
+        ax.set_title(f"Speeder, {split} split, 20 candidates")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / "metrics_by_history_length.png", dpi=110)
+        plt.close(fig)
+    history = [h for h in report.get("log_history", []) if "loss" in h and "step" in h]
+    if history:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="training loss")
+        previous = None
+        for h in history:
+            if h.get("mpo_stage") is not None and h["mpo_stage"] != previous:
+                ax.axvline(h["step"], color="grey", linestyle="--", linewidth=0.8)
+                ax.text(h["step"], ax.get_ylim()[1], f" MPO stage {h['mpo_stage']}", va="top", fontsize=8)
+                previous = h["mpo_stage"]
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output / "training_curve.png", dpi=110)
+        plt.close(fig)
 
 
 def sasrec_baseline(splits, item_ids, epochs: int, eval_rows=None, seed=0) -> dict:
