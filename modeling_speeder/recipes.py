@@ -96,12 +96,20 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **training_kwargs,
     )
+    mpo_callback = SpeederMPOCallback() if mpo else None
     trainer = Trainer(
         model=model, args=args, train_dataset=splits["train"], data_collator=SpeederDataCollator(processor, seed=seed),
-        processing_class=processor, compute_metrics=compute_metrics, callbacks=[SpeederMPOCallback()] if mpo else [],
+        processing_class=processor, compute_metrics=compute_metrics, callbacks=[mpo_callback] if mpo else [],
     )
+    checkpoint = None
+    if resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - start
     if lora_r:
         model.save_pretrained(output / "adapter")
@@ -110,6 +118,7 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
     processor.save_pretrained(output / "model")
     report = {"train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
+              "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
               "log_history": trainer.state.log_history}
     if args.process_index == 0:
         for split in ("validation", "test"):

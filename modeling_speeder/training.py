@@ -1,11 +1,15 @@
 """Training with `transformers.Trainer`: ranking metrics and MPO (Modality-aware Progressive Optimization)."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
+
+# `evaluate.load(EVALUATE_MODULE)` gives the same metrics as an `evaluate` module, loaded by path (no hub).
+EVALUATE_MODULE = str(Path(__file__).parent / "metrics" / "speeder_ranking")
 
 # Parameter groups an MPO stage can train, by name fragment (also matches PEFT-wrapped and LoRA names).
 PARAMETER_GROUPS = {
@@ -129,4 +133,4 @@ class SpeederMPOCallback(TrainerCallback):
                 state.log_history[-1]["mpo_stage"] = self.current
 
 
-__all__ = ["PARAMETER_GROUPS", "SpeederMPOCallback", "compute_metrics", "ranking_metrics"]
+__all__ = ["EVALUATE_MODULE", "PARAMETER_GROUPS", "SpeederMPOCallback", "compute_metrics", "ranking_metrics"]

@@ -1,5 +1,6 @@
 """Metrics, MPO schedule, Trainer integration and the PEFT round trip."""
 
+import json
 import logging
 
 import numpy as np
@@ -162,3 +163,58 @@ def test_peft_lora_save_reload_merge(tmp_path):
     plain = AutoModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(**eval_inputs).candidate_scores, trained, rtol=0, atol=1e-5)
+
+
+def test_evaluate_module_loads_by_path():
+    import evaluate
+
+    from modeling_speeder.training import EVALUATE_MODULE
+
+    metric = evaluate.load(EVALUATE_MODULE)
+    scores = [[0.9, 0.1, 0.5], [0.9, 0.1, 0.5], [0.2, 0.2, 0.2]]
+    assert metric.compute(predictions=scores, references=[0, 2, 1]) == ranking_metrics(scores, [0, 2, 1])
+
+
+def test_evaluate_split_full_catalog_and_buckets():
+    from modeling_speeder.recipes import evaluate_split
+
+    model, processor = make_tiny("llama")
+    data = Dataset.from_dict({"history": HISTORIES, "target": ["item21", "item26", "item27"], "candidates": CANDIDATES})
+    report = evaluate_split(model, processor, data)
+    with torch.no_grad():
+        out = model(**processor(histories=HISTORIES, candidates=CANDIDATES), return_catalog_scores=True)
+    expected = ranking_metrics(out.candidate_scores.numpy(), [1, 3, 0])
+    assert {k: report[k] for k in expected} == pytest.approx(expected)
+    ranks = []
+    for b, (history, target) in enumerate(zip(HISTORIES, [21, 26, 27])):
+        scores = out.catalog_scores[b].clone()
+        excluded = [processor.item_index(i) for i in history if processor.item_index(i) != target]
+        scores[excluded] = float("-inf")
+        ranks.append(int((scores > scores[target]).sum()))
+    assert report["full_hr@10"] == pytest.approx(np.mean([r < 10 for r in ranks]))
+    assert report["full_ndcg@10"] == pytest.approx(np.mean([(r < 10) / np.log2(r + 2) for r in ranks]))
+    assert report["by_history_length"]["1-5"]["users"] == 3
+
+
+def test_train_and_evaluate_cli_from_yaml(tmp_path):
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.cli import main as cli
+
+    tiny_dataset(tmp_path / "data")
+    (tmp_path / "train.yaml").write_text(
+        f"data: {tmp_path / 'data'}\noutput: {tmp_path / 'run'}\nsteps: 6\nbatch-size: 4\nlora-r: 2\n"
+        "expert-hidden-size: 16\nlearned-id-dim: 8\nno-recency: true\n")
+    cli(["train", "--config", str(tmp_path / "train.yaml")])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 6 and (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "training_curve.png").exists() and (tmp_path / "run" / "metrics_by_history_length.png").exists()
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["use_recency_embeddings"] is False
+    cli(["evaluate", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "data"),
+         "--output", str(tmp_path / "eval")])
+    evaluation = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert evaluation["test"]["hr@1"] == pytest.approx(report["test"]["hr@1"])
+    with pytest.raises(SystemExit):
+        (tmp_path / "bad.yaml").write_text("no-such-option: 1\n")
+        cli(["train", "--config", str(tmp_path / "bad.yaml")])
