@@ -244,6 +244,33 @@ def evaluate_command(args):
     print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
 
 
+def _card(args):
+    from pathlib import Path
+
+    from .conversion.hub import render_model_card
+
+    report = json.loads(Path(args.report).read_text()) if args.report else None
+    stats = json.loads(Path(args.dataset_stats).read_text()) if args.dataset_stats else None
+    return render_model_card(args.model, args.repo, report, dataset_name=args.dataset_name, dataset_stats=stats,
+                             license=args.license)
+
+
+def card_command(args):
+    """Render the model card of a checkpoint (from the model_card.md template) to a file."""
+    card = _card(args)
+    card.save(args.output)
+    print(f"model card written to {args.output}")
+
+
+def push_command(args):
+    """Push a checkpoint folder and its model card to the Hub in one commit."""
+    from .conversion.hub import push_checkpoint
+
+    info = push_checkpoint(args.model, args.repo, card=_card(args), max_shard_size=args.max_shard_size,
+                           private=args.private or None)
+    print(f"pushed: {getattr(info, 'commit_url', info)}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -313,6 +340,21 @@ def main(argv=None):
     p.add_argument("--output", default="outputs/evaluate")
     p.add_argument("--eval-rows", type=int, default=None)
     p.set_defaults(run=evaluate_command)
+    for name, run, help_text in (("push", push_command, "push a checkpoint and its model card to the Hub (one commit)"),
+                                 ("card", card_command, "render a checkpoint's model card")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="a saved checkpoint folder (model + processor)")
+        p.add_argument("--repo", required=True, help="hub repo id, e.g. org/speeder")
+        p.add_argument("--report", help="report.json from `speeder train` or `speeder evaluate` (model-index results)")
+        p.add_argument("--dataset-name")
+        p.add_argument("--dataset-stats", help="stats.json of the dataset folder")
+        p.add_argument("--license", default="apache-2.0")
+        if name == "push":
+            p.add_argument("--max-shard-size", default="2GB")
+            p.add_argument("--private", action="store_true")
+        else:
+            p.add_argument("--output", required=True)
+        p.set_defaults(run=run)
     p = commands.add_parser("demo", help="convert a real dataset, train through MPO, evaluate (no network)")
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific"])
     p.add_argument("--output", default="outputs/demo")

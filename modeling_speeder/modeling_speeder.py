@@ -6,11 +6,16 @@ caches and attention kernels come from Transformers. This file is copied next to
 code: it imports only installed libraries and `.configuration_speeder`.
 """
 
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
@@ -134,6 +139,42 @@ class SpeederPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # The loss is a per-batch mean cross-entropy: the Trainer scales it for gradient accumulation itself.
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as err:
+            raise OSError(
+                f"Cannot load the Speeder checkpoint {str(pretrained_model_name_or_path)!r}: a safetensors weights file is "
+                f"corrupt or truncated ({err}). Re-download it or save the model again."
+            ) from err
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Like PreTrainedModel.save_pretrained, but atomic: the files are written to a sibling temporary folder that
+        then replaces `save_directory`, so an interrupted save leaves the previous checkpoint loadable. Files the
+        model does not write (processor, tokenizer, model card) are carried over from the previous folder."""
+        final = Path(save_directory)
+        if kwargs.get("push_to_hub") or (final.exists() and not final.is_dir()):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
+        try:
+            super().save_pretrained(tmp, *args, **kwargs)
+            if final.exists():
+                for old_file in final.iterdir():
+                    stale_weights = old_file.name.startswith("model") and ".safetensors" in old_file.name
+                    if not (tmp / old_file.name).exists() and not stale_weights:
+                        (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+                previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+                final.rename(previous)
+                tmp.rename(final)
+                shutil.rmtree(previous)
+            else:
+                tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -1,0 +1,47 @@
+"""Ablations of Speeder on one dataset, each row a real `speeder train` run with the same budget and seed.
+
+Usage: python bench/ablation.py DATA_DIR OUTPUT_DIR [--steps 600]
+DATA_DIR is a canonical dataset folder with text, image and id features (`speeder convert` + `speeder features`).
+Prints a Markdown table and writes OUTPUT_DIR/ablation.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = {
+    "full (text + image + id, MPO, recency, item positions)": [],
+    "without MPO (all modalities from step 0)": ["--no-mpo"],
+    "without recency embeddings": ["--no-recency"],
+    "without item-level position ids": ["--no-item-positions"],
+    "text only": ["--modalities", "text"],
+    "text + image": ["--modalities", "text,image"],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("output")
+    parser.add_argument("--steps", type=int, default=600)
+    args = parser.parse_args()
+    results = {}
+    for i, (name, flags) in enumerate(ROWS.items()):
+        out = Path(args.output) / f"run{i}"
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "modeling_speeder", "train", "--data", args.data, "--output", str(out),
+                        "--steps", str(args.steps), *flags], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        report = json.loads((out / "report.json").read_text())
+        results[name] = {"flags": flags, "seconds": round(time.perf_counter() - start, 1), **report["test"]}
+        print(f"done: {name} ({results[name]['seconds']}s)", flush=True)
+    (Path(args.output) / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("| variant | HR@1 | NDCG@10 | MRR | HR@10 |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['hr@1']:.4f} | {r['ndcg@10']:.4f} | {r['mrr']:.4f} | {r['hr@10']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

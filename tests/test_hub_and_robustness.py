@@ -1,0 +1,222 @@
+"""Hub sharing (push intercepted offline), clean-environment loading, and robustness under bad input and faults."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import CANDIDATES, HISTORIES, make_tiny
+from modeling_speeder import SpeederConfig, SpeederProcessor
+from modeling_speeder.conversion.build import make_word_tokenizer
+from transformers import AutoModel, AutoProcessor
+
+PACKAGE_DIRS = [Path(__file__).resolve().parents[1] / d for d in ("modeling_speeder", "processing", "conversion")]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        scores = model(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
+    return tmp_path / "ckpt", scores
+
+
+def fake_hub(monkeypatch, folder: Path):
+    """Intercepts HfApi.create_repo / create_commit: the commit's operations are written to `folder`."""
+    from huggingface_hub import HfApi
+
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        commits.append((repo_id, commit_message, [op.path_in_repo for op in operations]))
+        for op in operations:
+            target = folder / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/1")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return commits
+
+
+def test_push_round_trip(saved, tmp_path, monkeypatch):
+    from modeling_speeder.cli import main as cli
+
+    path, scores = saved
+    report = {"test": {"hr@1": 0.5, "hr@5": 0.8, "hr@10": 0.9, "ndcg@5": 0.6, "ndcg@10": 0.65, "mrr": 0.6, "valid_ratio": 1.0}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    commits = fake_hub(monkeypatch, tmp_path / "hub")
+    cli(["push", "--model", str(path), "--repo", "org/speeder-tiny", "--report", str(tmp_path / "report.json"),
+         "--max-shard-size", "100KB", "--dataset-name", "toy"])
+    assert len(commits) == 1, "everything goes up in one commit"
+    uploaded = set(commits[0][2])
+    expected = {"config.json", "configuration_speeder.py", "modeling_speeder.py", "processing_speeder.py",
+                "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+                "model.safetensors.index.json"}
+    assert expected <= uploaded, expected - uploaded
+    shards = [f for f in uploaded if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)]
+    assert len(shards) > 1, "a checkpoint above max_shard_size is sharded"
+    assert not [f for f in uploaded if f.endswith((".bin", ".pt", ".pkl"))]
+    loaded = AutoModel.from_pretrained(tmp_path / "hub").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hub")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores, scores)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.library_name == "transformers" and "speeder" in card.data.tags
+    assert card.data.eval_results[0].metric_value == 0.5 and card.data.datasets == ["toy"]
+    assert 'AutoModel.from_pretrained("org/speeder-tiny", trust_remote_code=True)' in card.text
+
+
+def test_clean_virtualenv_loads_with_remote_code(saved, tmp_path):
+    """A fresh venv that sees torch/transformers/safetensors (the system site-packages folder, added by a .pth
+    file whose own .pth files - including this package's editable finder - are NOT processed) but not this package."""
+    path, scores = saved
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "system_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    script = (
+        "import json, sys, torch\n"
+        "try:\n    import modeling_speeder\n    sys.exit('the package must not be importable here')\n"
+        "except ImportError:\n    pass\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        f"m = AutoModel.from_pretrained({str(path)!r}, trust_remote_code=True).eval()\n"
+        f"p = AutoProcessor.from_pretrained({str(path)!r}, trust_remote_code=True)\n"
+        f"inputs = p(histories={HISTORIES!r}, candidates={CANDIDATES!r})\n"
+        "with torch.no_grad():\n    print(json.dumps(m(**inputs).candidate_scores.tolist()))\n"
+    )
+    run = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path),
+                              "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), scores, rtol=0, atol=1e-6)
+
+
+FUZZ_TOKENIZER = make_word_tokenizer(["a b c"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    catalog=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30),
+    histories=st.lists(st.lists(st.text(max_size=6), max_size=12), min_size=1, max_size=4),
+    candidates=st.one_of(st.none(), st.lists(st.lists(st.text(max_size=6), max_size=6), min_size=1, max_size=4)),
+    k=st.integers(1, 3), max_history=st.integers(1, 10),
+    prefix=st.text(max_size=20), bridge=st.text(max_size=20),
+)
+def test_processor_fuzz(catalog, histories, candidates, k, max_history, prefix, bridge):
+    """Random catalogs, histories, candidate sets and templates: a clear ValueError / KeyError or valid inputs in
+    which the placeholder count always equals (kept history items + candidates) x K."""
+    try:
+        processor = SpeederProcessor(FUZZ_TOKENIZER, item_ids=catalog, tokens_per_item=k, max_history=max_history,
+                                     prompt_prefix=prefix, prompt_bridge=bridge)
+        inputs = processor(histories=histories, candidates=candidates)
+    except (ValueError, KeyError) as err:
+        assert str(err)
+        return
+    placeholders = (inputs["input_ids"] == processor.item_token_id).sum(1)
+    item_tokens = (inputs["item_token_index"] >= 0).sum(1)
+    for b, history in enumerate(histories):
+        n_cands = len(candidates[b]) if candidates is not None else 0
+        expected = (min(len(history), max_history) + n_cands) * k
+        assert placeholders[b] == expected == item_tokens[b]
+    assert (inputs["input_ids"][inputs["item_token_index"] >= 0] == processor.item_token_id).all()
+    assert inputs["item_token_index"].max() < len(catalog) * k
+
+
+def test_corrupt_and_truncated_weights(saved):
+    path, _ = saved
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    for broken in (data[: len(data) // 2], b"not safetensors at all"):
+        weights.write_bytes(broken)
+        with pytest.raises(OSError, match="safetensors weights file is corrupt or truncated"):
+            AutoModel.from_pretrained(path)
+
+
+def test_config_from_a_newer_version(saved):
+    path, _ = saved
+    config = json.loads((path / "config.json").read_text())
+    config["speeder_format_version"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Speeder format version 2, but this code reads version 1"):
+        SpeederConfig.from_pretrained(path)
+
+
+def test_processor_catalog_must_match_model(saved, tmp_path):
+    path, _ = saved
+    other = SpeederProcessor(make_word_tokenizer(["x"]), item_ids=[f"other{i}" for i in range(40)])
+    other.save_pretrained(tmp_path / "other")
+    model = AutoModel.from_pretrained(path)
+    with pytest.raises(ValueError, match="differs from this checkpoint"):
+        model.recommend([["other1"]], processor=AutoProcessor.from_pretrained(tmp_path / "other"))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(saved, monkeypatch):
+    from transformers import PreTrainedModel
+
+    path, scores = saved
+    model, _ = make_tiny("llama", seed=1)
+
+    def crash_midway(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{half written")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(path)
+    monkeypatch.undo()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporary folder is left behind"
+    loaded = AutoModel.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores, scores)
+    # A completed save replaces the weights and keeps the processor files written beside them earlier.
+    model.save_pretrained(path)
+    assert (path / "processor_config.json").exists()
+    with torch.no_grad():
+        new = AutoModel.from_pretrained(path).eval()(**processor(histories=HISTORIES, candidates=CANDIDATES)).candidate_scores
+    assert not torch.allclose(new, scores)
+
+
+def test_determinism_and_batch_independence():
+    a, processor = make_tiny("qwen3", seed=3)
+    b, _ = make_tiny("qwen3", seed=3)
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    with torch.no_grad():
+        batch = a(**inputs).candidate_scores
+        torch.testing.assert_close(b(**inputs).candidate_scores, batch, rtol=0, atol=0)
+        for i in range(len(HISTORIES)):  # alone (no padding) vs in a padded batch
+            alone = a(**processor(histories=[HISTORIES[i]], candidates=[CANDIDATES[i]])).candidate_scores
+            torch.testing.assert_close(alone[0], batch[i], rtol=0, atol=1e-5)
+        reordered = a(**processor(histories=HISTORIES[::-1], candidates=CANDIDATES[::-1])).candidate_scores
+    torch.testing.assert_close(reordered.flip(0), batch, rtol=0, atol=1e-5)
+
+
+def test_no_pickle_anywhere_in_the_package():
+    offenders = []
+    for directory in PACKAGE_DIRS:
+        for source in directory.rglob("*.py"):
+            for n, line in enumerate(source.read_text().splitlines(), 1):
+                if re.search(r"\bimport pickle\b|\bpickle\.|\bcPickle\b|\bdill\b", line) or (
+                    "torch.load(" in line and "weights_only=True" not in line
+                ):
+                    offenders.append(f"{source}:{n}: {line.strip()}")
+    assert not offenders, offenders
