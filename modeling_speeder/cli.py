@@ -218,10 +218,11 @@ def train_command(args):
     report = recipes.train(model, processor, splits, Path(args.output), max_steps=args.steps, batch_size=args.batch_size,
                            learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
-                           save_steps=args.save_steps)
+                           save_steps=args.save_steps, head=args.head)
     if "test" in report:
         print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
-        recipes.print_metrics_table({"validation": report["validation"], "test": report["test"]})
+        recipes.print_metrics_table({"validation": report["validation"], "test": report["test"],
+                                     "test, scored by the catalog head": report["test"]["catalog_head"]})
         print(f"test full-catalog HR@10 {report['test']['full_hr@10']:.4f}, NDCG@10 {report['test']['full_ndcg@10']:.4f}")
 
 
@@ -328,6 +329,8 @@ def main(argv=None):
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.add_argument("--catalog-loss-weight", type=float, default=0.0)
+    p.add_argument("--head", default="candidate", choices=["candidate", "catalog-dense"],
+                   help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--eval-rows", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
     p.add_argument("--seed", type=int, default=0)

@@ -213,6 +213,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         # in between = ramping in). Not saved: the schedule lives in the config and the stage follows global_step.
         self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
         self._item_cache = None  # (N, K, H) item tokens for inference, built by cache_item_tokens()
+        self._item_repr_cache = None  # (N, H) their catalog-head representations
         self.post_init()
 
     # ----- item feature bank and item cache -----
@@ -266,10 +267,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         """Encode every catalog item once; afterwards an item costs a lookup. Cleared by train() and weight setters."""
         rows = torch.arange(self.config.num_items, device=self.device)
         self._item_cache = torch.cat([self.mrc(r, self.active_modalities)[0] for r in rows.split(chunk_size)])
+        # Scored by the catalog head; a view when K = 1, computed once otherwise (not per call: (N, H) is large).
+        self._item_repr_cache = self._item_cache[:, 0] if self.config.tokens_per_item == 1 else self._item_cache.mean(1)
         return self._item_cache
 
     def clear_item_cache(self):
-        self._item_cache = None
+        self._item_cache = self._item_repr_cache = None
 
     def train(self, mode: bool = True):
         self.clear_item_cache()
@@ -278,7 +281,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def item_representations(self) -> torch.Tensor:
         """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
         if self._item_cache is not None and not self.training:
-            return self._item_cache.mean(1)
+            return self._item_repr_cache
         rows = torch.arange(self.config.num_items, device=self.device)
         return self.mrc(rows, self.active_modalities)[0].mean(1)
 
@@ -364,6 +367,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         candidate_item_index: torch.LongTensor | None = None,  # (B, C) the candidates: the last C * K tokens
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
         catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
+        dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
         modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
         return_catalog_scores: bool = False,
         output_hidden_states: bool | None = None,
@@ -383,7 +387,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             )
         embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask)
 
-        hidden_states = None
+        hidden_states, dense_loss = None, None
+        if dense_catalog_labels is not None and num_candidates and self._uses_prefix_cache(candidate_scoring):
+            raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
         if num_candidates and self._uses_prefix_cache(candidate_scoring):
             prefix = self.backbone(
                 inputs_embeds=embeds[:, : query_pos + 1],
@@ -419,18 +425,26 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             )
             hidden_states = out.hidden_states
             last = out.last_hidden_state  # (B, T, H)
+            if dense_catalog_labels is not None:
+                # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
+                keep = dense_catalog_labels >= 0
+                dense_scores = self.query_proj(last[keep]) @ self.item_representations().T  # (n_prefixes, N)
+                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
             query_hidden = last[:, query_pos]
             cand_hidden = last[:, query_pos + k :: k][:, :num_candidates]  # last token of each candidate: (B, C, H)
 
         candidate_scores = self.candidate_head(cand_hidden).squeeze(-1) if num_candidates else None  # (B, C)
         catalog_scores = None
-        if return_catalog_scores or (catalog_labels is not None and self.config.catalog_loss_weight):
+        if return_catalog_scores or (catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None):
             catalog_scores = self.query_proj(query_hidden) @ self.item_representations().T  # (B, N)
 
         loss = None
         if labels is not None and candidate_scores is not None and self.config.candidate_loss_weight:
             loss = self.config.candidate_loss_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
-        if catalog_labels is not None and catalog_scores is not None and self.config.catalog_loss_weight:
+        if dense_loss is not None:  # the dense loss already covers the last prefix (the query of the target)
+            catalog_loss = self.config.catalog_loss_weight * dense_loss
+            loss = catalog_loss if loss is None else loss + catalog_loss
+        elif catalog_labels is not None and catalog_scores is not None and self.config.catalog_loss_weight:
             catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels, ignore_index=-100)
             loss = catalog_loss if loss is None else loss + catalog_loss
 
@@ -519,9 +533,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 for b, rows in enumerate(exclude):
                     local = [r - start for r in rows if start <= r < start + scores.shape[1]]
                     scores[b, local] = float("-inf")
-            rows = torch.arange(start, start + scores.shape[1], device=query.device).expand_as(scores)
-            best_scores, pick = torch.cat([best_scores, scores], 1).topk(min(top_k, best_scores.shape[1] + scores.shape[1]), dim=1)
-            best_rows = torch.cat([best_rows, rows], 1).gather(1, pick)
+            # Top-k of the chunk first, then merge k-sized lists: extra memory is one chunk of scores.
+            chunk_scores, chunk_rows = scores.topk(min(top_k, scores.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores, chunk_scores], 1)
+            merged_rows = torch.cat([best_rows, chunk_rows + start], 1)
+            best_scores, pick = merged_scores.topk(min(top_k, merged_scores.shape[1]), dim=1)
+            best_rows = merged_rows.gather(1, pick)
         return best_scores, best_rows
 
 

@@ -78,14 +78,35 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
     return get_peft_model(model, config)
 
 
+def dense_training_rows(splits):
+    """One row per user for dense catalog training: the training sequence (the validation history), its last item
+    as the target. The validation and test targets are never seen."""
+    from datasets import Dataset
+
+    rows = {"user_id": [], "history": [], "target": [], "candidates": []}
+    for user, history in zip(splits["validation"]["user_id"], splits["validation"]["history"]):
+        if len(history) >= 2:
+            for key, value in zip(rows, (user, history[:-1], history[-1], [])):
+                rows[key].append(value)
+    return Dataset.from_dict(rows)
+
+
 def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, learning_rate=1e-3, seed=0,
           eval_rows=None, resume=False, mpo=True, lora_r=0, gradient_accumulation_steps=1, save_steps=None,
-          **training_kwargs):
+          head="candidate", **training_kwargs):
     """Train with `transformers.Trainer` (MPO callback, fresh negatives, optional LoRA), save the (merged)
-    checkpoint and processor under output/model, evaluate validation and test, write report.json and plots."""
+    checkpoint and processor under output/model, evaluate validation and test, write report.json and plots.
+
+    head: "candidate" (cross-entropy over 20 candidates per training prefix) or "catalog-dense" (the catalog
+    head, full softmax, every prefix of each user's training sequence in one causal pass)."""
     from transformers import Trainer, TrainingArguments
 
     output = Path(output)
+    if head not in ("candidate", "catalog-dense"):
+        raise ValueError(f"head must be 'candidate' or 'catalog-dense', got {head!r}")
+    dense = head == "catalog-dense"
+    if dense:
+        model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
     if lora_r:
         model = apply_lora(model, lora_r)
     args = TrainingArguments(
@@ -98,7 +119,8 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
     )
     mpo_callback = SpeederMPOCallback() if mpo else None
     trainer = Trainer(
-        model=model, args=args, train_dataset=splits["train"], data_collator=SpeederDataCollator(processor, seed=seed),
+        model=model, args=args, train_dataset=dense_training_rows(splits) if dense else splits["train"],
+        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=[mpo_callback] if mpo else [],
     )
     checkpoint = None
@@ -116,7 +138,7 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
         model = model.merge_and_unload()
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
-    report = {"train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
+    report = {"head": head, "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
               "log_history": trainer.state.log_history}
@@ -138,7 +160,7 @@ def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
     from .training import ranking_metrics
 
     model.eval()
-    scores, labels, ranks, lengths = [], [], [], []
+    scores, catalog_head_scores, labels, ranks, lengths = [], [], [], [], []
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
         inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"]).to(model.device)
@@ -146,6 +168,7 @@ def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
         scores.append(out.candidate_scores.float().cpu())
         labels.append(inputs["labels"].cpu())
         catalog = out.catalog_scores.float()
+        catalog_head_scores.append(catalog.gather(1, inputs["candidate_item_index"]).cpu())
         targets = inputs["catalog_labels"]
         target_scores = catalog.gather(1, targets[:, None])
         for b, history in enumerate(rows["history"]):
@@ -155,6 +178,8 @@ def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
         lengths += [len(h) for h in rows["history"]]
     scores, labels, ranks, lengths = torch.cat(scores), torch.cat(labels), torch.cat(ranks), torch.tensor(lengths)
     report = ranking_metrics(scores.numpy(), labels.numpy())
+    # The candidate protocol scored by the catalog head: dot products with the candidates, none of them in the prompt.
+    report["catalog_head"] = ranking_metrics(torch.cat(catalog_head_scores).numpy(), labels.numpy())
     report["full_hr@10"] = float((ranks < 10).float().mean())
     report["full_ndcg@10"] = float(((ranks < 10) / torch.log2(ranks.float() + 2)).mean())
     report["users"] = len(labels)

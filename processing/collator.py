@@ -11,11 +11,13 @@ from .processing_speeder import SpeederProcessor
 class SpeederDataCollator:
     """Rows with stored `candidates` (validation / test) are scored on those. Rows without (training) get the
     target plus `num_negatives` items drawn from outside the user's history, shuffled. The draws come from one
-    seeded stream, so every epoch sees new negatives and a rerun sees the same ones."""
+    seeded stream, so every epoch sees new negatives and a rerun sees the same ones. With `dense`, each row is a
+    whole training sequence and the catalog head learns every prefix of it in one causal pass."""
 
     processor: SpeederProcessor
     num_negatives: int = 19  # 20 candidates, the research protocol
     seed: int = 0
+    dense: bool = False  # catalog head, every prefix in one pass: no candidates, `dense_catalog_labels` instead
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -37,6 +39,8 @@ class SpeederDataCollator:
         return cands
 
     def __call__(self, rows):
+        if self.dense:
+            return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True)
         candidates = [list(r["candidates"]) if len(r.get("candidates") or []) else self._draw_candidates(r["history"], r["target"])
                       for r in rows]
         return self.processor(histories=[r["history"] for r in rows], candidates=candidates,

@@ -134,6 +134,7 @@ class SpeederProcessor(ProcessorMixin):
         histories: Sequence[Sequence[str]],
         candidates: Sequence[Sequence[str]] | None = None,
         targets: Sequence[str] | None = None,
+        dense: bool = False,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchEncoding:
@@ -142,6 +143,9 @@ class SpeederProcessor(ProcessorMixin):
         candidates: per user, a set of item ids to score (the same count for every user in a batch), or None for
             catalog-head inputs only.
         targets: per user, the next item; gives `labels` (its place among the candidates) and `catalog_labels`.
+        dense: also emit `dense_catalog_labels` (B, T): at the last token of each history item, the catalog index of
+            the item that followed it (the next history item, or the target for the last one), -100 elsewhere.
+            One causal pass then trains the catalog head on every prefix of the sequence (SASRec-style).
         """
         if isinstance(histories, str) or not len(histories) or isinstance(histories[0], str):
             raise ValueError("histories must be a non-empty list of histories, each a list of item ids")
@@ -150,7 +154,7 @@ class SpeederProcessor(ProcessorMixin):
             raise ValueError(f"{len(candidates)} candidate lists for {batch} histories")
         if targets is not None and len(targets) != batch:
             raise ValueError(f"{len(targets)} targets for {batch} histories")
-        rows, cand_rows, labels, catalog_labels = [], [], [], []
+        rows, cand_rows, labels, catalog_labels, dense_labels = [], [], [], [], []
         for b, history in enumerate(histories):
             if isinstance(history, str) or not len(history):
                 raise ValueError(f"History {b} is empty or not a list of item ids: {history!r}")
@@ -177,6 +181,13 @@ class SpeederProcessor(ProcessorMixin):
                         raise ValueError(f"Target {targets[b]!r} of row {b} is not among its candidates")
                     labels.append(cands.index(target))
             rows.append(self._row(hist, cands))
+            if dense:
+                following = hist[1:] + [self.item_index(targets[b]) if targets is not None else -100]
+                token_labels = [-100] * len(rows[-1][0])
+                item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3])) if row >= 0 and 0 <= r < self.max_history]
+                for j, next_row in enumerate(following):
+                    token_labels[item_tokens[(j + 1) * self.tokens_per_item - 1]] = next_row
+                dense_labels.append(token_labels)
 
         length = max(len(r[0]) for r in rows)
         pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
@@ -193,6 +204,8 @@ class SpeederProcessor(ProcessorMixin):
             data["labels"] = labels
         if catalog_labels:
             data["catalog_labels"] = catalog_labels
+        if dense:
+            data["dense_catalog_labels"] = [pad(r, -100) for r in dense_labels]
         if return_tensors == "pt":
             data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
         elif return_tensors is not None:

@@ -218,3 +218,34 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
     with pytest.raises(SystemExit):
         (tmp_path / "bad.yaml").write_text("no-such-option: 1\n")
         cli(["train", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_dense_catalog_training_labels_and_loss():
+    """Every history item's hidden state queries the item after it: the labels are the next items (then the
+    target), and the loss is the catalog cross-entropy over exactly those positions, in one forward pass."""
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0, candidate_loss_weight=0.0, tokens_per_item=2)
+    inputs = processor(histories=HISTORIES, targets=["item21", "item26", "item27"], dense=True)
+    labels = inputs["dense_catalog_labels"]
+    assert labels[0][labels[0] >= 0].tolist() == [2, 3, 4, 21]
+    assert labels[1][labels[1] >= 0].tolist() == [6, 26]
+    positions = (labels[0] >= 0).nonzero().flatten()
+    assert (inputs["item_token_index"][0, positions] % 2 == 1).all(), "the last of each item's K tokens"
+    out = model(**inputs, output_hidden_states=True)
+    last = out.hidden_states[-1]
+    keep = labels >= 0
+    expected = torch.nn.functional.cross_entropy(model.query_proj(last[keep]) @ model.item_representations().T, labels[keep])
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert model.query_proj.weight.grad.abs().sum() > 0 and model.candidate_head.weight.grad is None
+
+
+def test_dense_head_trains_through_the_cli(tmp_path):
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.cli import main as cli
+
+    tiny_dataset(tmp_path / "data")
+    cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
+         "--head", "catalog-dense", "--expert-hidden-size", "16", "--learned-id-dim", "8"])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["head"] == "catalog-dense" and {"hr@1", "ndcg@10"} <= set(report["test"]["catalog_head"])

@@ -1,0 +1,260 @@
+"""Cost of Speeder against a LLaRA-style recommender, title-only prompts and the bare-prompt floor, on one backbone.
+
+    python bench/speed.py --backbone tiny-llama --data DATA_DIR [--output bench/results/speed-tiny.json]
+    python bench/speed.py --backbone smollm2    --data DATA_DIR
+
+DATA_DIR is a canonical dataset folder (`speeder convert`); item titles come from its items table. Each system
+runs in its own worker process (so its peak memory is its own) with the same backbone, batch, history length
+and candidate count, and prints: prompt tokens per example, training examples/s (forward + backward),
+inference latency per user at batch 1 and batch 32 (p50 / p95), and the peak RSS growth of a training step.
+Ratios are against LLaRA-style, measured in the same run. Histories and candidates are random catalog items, as
+in ../shared/tools/speed_anchor.py: cost depends on lengths, not on which items.
+
+Systems:
+- llara: each item rendered as its title plus one projected collaborative token; training = LM loss on the target
+  title; inference = greedy generation of the median title length, matched to a candidate title (LLaRA's code).
+- title_only: the same prompts without soft tokens.
+- bare: the floor, ../shared/tools/speed_anchor.py's compressed prompt (1 soft token per item, one forward, a
+  linear head on the candidate positions).
+- speeder: SpeederForSequentialRecommendation, candidate head, one pass with the isolation mask, item tokens cached
+  at inference.
+- speeder_prefix: the same model scoring candidates as continuations of the shared prompt's KV cache.
+- speeder_catalog: the catalog head, candidates scored by dot product, none in the prompt.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SYSTEMS = ("llara", "title_only", "bare", "speeder", "speeder_prefix", "speeder_catalog")
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modeling_speeder.conversion.build import build_speeder, load_backbone
+    from modeling_speeder.conversion.datasets import load_canonical
+
+    torch.manual_seed(0)
+    random.seed(0)
+    torch.set_num_threads(args.threads)
+    _, items, _, _ = load_canonical(args.data)
+    item_ids, titles = items["item_id"], [t or i for t, i in zip(items["title"], items["item_id"])]
+    backbone, tokenizer = load_backbone(args.backbone)
+    if not hasattr(backbone, "get_input_embeddings"):  # a config: random weights
+        backbone = AutoModelForCausalLM.from_config(backbone)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    H, B, L, C = backbone.config.hidden_size, args.batch, args.history, args.candidates
+
+    def sample(batch):
+        rows = []
+        for _ in range(batch):
+            chosen = random.sample(range(len(item_ids)), L + C)
+            rows.append((chosen[:L], chosen[L:], chosen[L]))
+        return rows
+
+    result = {"system": args.worker, "backbone": args.backbone, "batch": B, "history": L, "candidates": C}
+    if args.worker in ("llara", "title_only", "bare"):
+        model = backbone
+        emb = model.get_input_embeddings()
+        token = "<|item|>"
+        if token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+            model.resize_token_embeddings(len(tokenizer))
+        item_token_id = tokenizer.convert_tokens_to_ids(token)
+        cf_features = torch.randn(len(item_ids), 64)
+        projector = torch.nn.Linear(64, H)  # LLaRA's projected collaborative token
+        soft = args.worker != "title_only"
+        tag = f" {token}" if soft else ""
+
+        def prompt(h, c):
+            if args.worker == "bare":
+                return f"This user has bought: {token * len(h)}. Candidates: {token * len(c)}. Next:"
+            hist = ", ".join(f"{titles[i]}{tag}" for i in h)
+            cands = ", ".join(f"{titles[i]}{tag}" for i in c)
+            return f"This user has bought: {hist}. Choose the next item from: {cands}. Answer:"
+
+        def embed(ids, rows_items):
+            x = emb(ids)
+            if not soft:
+                return x
+            vectors = projector(cf_features[torch.tensor(rows_items)])  # (B, L + C, H), in prompt order
+            mask = ids == item_token_id
+            return x.masked_scatter(mask[..., None], vectors[:, : int(mask.sum(1)[0])].reshape(-1, H))
+
+        tokenizer.padding_side = "left"
+        rows = sample(B)
+        order = [h + c for h, c, _ in rows]
+        if args.worker == "bare":
+            enc = tokenizer([prompt(h, c) for h, c, _ in rows], return_tensors="pt", padding=True)
+            head = torch.nn.Linear(H, 1)
+            labels = torch.tensor([c.index(t) for _, c, t in rows])
+
+            def train_step():
+                hidden = model.model(inputs_embeds=embed(enc.input_ids, order), attention_mask=enc.attention_mask).last_hidden_state
+                scores = head(hidden[:, -C - 3 : -3]).squeeze(-1)
+                torch.nn.functional.cross_entropy(scores, labels).backward()
+                model.zero_grad(set_to_none=True)
+
+            result["tokens_per_example"] = enc.input_ids.shape[1]
+        else:
+            answers = [" " + titles[t] for _, _, t in rows]
+            full = tokenizer([prompt(h, c) + a for (h, c, _), a in zip(rows, answers)], return_tensors="pt", padding=True)
+            labels = full.input_ids.clone()
+            labels[full.attention_mask == 0] = -100
+            for i, a in enumerate(answers):
+                labels[i, : -len(tokenizer(a, add_special_tokens=False).input_ids)] = -100
+
+            def train_step():
+                out = model(inputs_embeds=embed(full.input_ids, order), attention_mask=full.attention_mask, labels=labels)
+                out.loss.backward()
+                model.zero_grad(set_to_none=True)
+
+            result["tokens_per_example"] = full.input_ids.shape[1]
+        n_new = int(statistics.median(len(tokenizer(" " + t, add_special_tokens=False).input_ids) for t in titles))
+        title_index = {t.strip().lower(): i for i, t in enumerate(titles)}
+
+        def infer(batch):
+            rows_b = sample(batch)
+            enc_b = tokenizer([prompt(h, c) for h, c, _ in rows_b], return_tensors="pt", padding=True)
+            order_b = [h + c for h, c, _ in rows_b]
+            with torch.inference_mode():
+                x = embed(enc_b.input_ids, order_b)
+                if args.worker == "bare":
+                    model.model(inputs_embeds=x, attention_mask=enc_b.attention_mask)
+                    return 1.0
+                generated = model.generate(inputs_embeds=x, attention_mask=enc_b.attention_mask, max_new_tokens=n_new,
+                                           min_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+            # LLaRA matches the generated title to a candidate; an answer that is no candidate is invalid.
+            valid = [title_index.get(t.strip().lower()) in set(c) for t, (_, c, _) in zip(texts, rows_b)]
+            return sum(valid) / len(valid)
+    else:
+        from transformers import AutoTokenizer  # noqa: F401
+
+        features = {"text": torch.randn(len(item_ids), 64)}
+        model, processor = build_speeder(backbone, tokenizer, item_ids, features, learned_id_dim=32,
+                                         max_history=max(L, 1), expert_hidden_size=128)
+        model.set_attn_implementation("sdpa")
+        scoring = "prefix_cache" if args.worker == "speeder_prefix" else "mask"
+        rows = sample(B)
+
+        def inputs_for(rows_b, with_candidates=True, targets=False):
+            hist = [[item_ids[i] for i in h] for h, _, _ in rows_b]
+            cands = [[item_ids[i] for i in c] for _, c, _ in rows_b] if with_candidates else None
+            tgts = [item_ids[t] for _, _, t in rows_b] if targets else None
+            return processor(histories=hist, candidates=cands, targets=tgts)
+
+        catalog = args.worker == "speeder_catalog"
+        if catalog:
+            model.config.catalog_loss_weight, model.config.candidate_loss_weight = 1.0, 0.0
+        train_inputs = inputs_for(rows, with_candidates=not catalog, targets=True)
+        model.train()
+
+        def train_step():
+            model(**train_inputs, candidate_scoring=scoring).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        result["tokens_per_example"] = inputs_for(rows, with_candidates=not catalog)["input_ids"].shape[1]
+
+        def infer(batch):
+            model.eval()
+            if model._item_cache is None:
+                model.cache_item_tokens()
+            rows_b = sample(batch)
+            with torch.inference_mode():
+                if catalog:
+                    out = model(**inputs_for(rows_b, with_candidates=False), return_catalog_scores=True)
+                    out.catalog_scores.gather(1, torch.tensor([c for _, c, _ in rows_b]))
+                else:
+                    model(**inputs_for(rows_b), candidate_scoring=scoring)
+            return 1.0
+
+    base_rss = rss_mb()
+    train_times = timed(train_step, args.repeats)
+    result["peak_train_rss_growth_mb"] = round(rss_mb() - base_rss, 1)
+    result["train_step_s"] = statistics.median(train_times)
+    result["train_examples_per_s"] = B / result["train_step_s"]
+    for batch in (1, 32):
+        times, valid = [], []
+        infer(batch)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            valid.append(infer(batch))
+            times.append((time.perf_counter() - start) / batch)
+        times.sort()
+        result[f"infer_b{batch}_p50_s"] = statistics.median(times)
+        result[f"infer_b{batch}_p95_s"] = times[min(len(times) - 1, int(0.95 * len(times)))]
+        result[f"valid_ratio_b{batch}"] = statistics.mean(valid)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tiny-llama")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--history", type=int, default=7)
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    results = {}
+    for system in args.systems.split(","):
+        command = [sys.executable, __file__, "--worker", system] + [
+            a for a in sys.argv[1:] if not a.startswith("--output")]
+        run = subprocess.run(command, capture_output=True, text=True)
+        line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{system} failed:\n{run.stderr[-3000:]}")
+        results[system] = json.loads(line[len("RESULT "):])
+        print(f"measured {system}", file=sys.stderr, flush=True)
+    ref = results.get("llara")
+    header = ("system", "tokens/ex", "train ex/s", "x LLaRA", "infer b1 p50 ms", "p95", "b32 p50 ms/user", "p95",
+              "% of LLaRA b1", "% of LLaRA b32", "train RSS +MB", "% of LLaRA")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, r in results.items():
+        ratio = lambda key, pct=True: (f"{100 * r[key] / ref[key]:.1f}%" if pct else f"{r[key] / ref[key]:.1f}x") if ref else "-"  # noqa: E731
+        print(f"| {name} | {r['tokens_per_example']} | {r['train_examples_per_s']:.1f} | {ratio('train_examples_per_s', False)} | "
+              f"{1e3 * r['infer_b1_p50_s']:.1f} | {1e3 * r['infer_b1_p95_s']:.1f} | {1e3 * r['infer_b32_p50_s']:.2f} | "
+              f"{1e3 * r['infer_b32_p95_s']:.2f} | {ratio('infer_b1_p50_s')} | {ratio('infer_b32_p50_s')} | "
+              f"{r['peak_train_rss_growth_mb']} | {ratio('peak_train_rss_growth_mb') if ref and ref['peak_train_rss_growth_mb'] > 0 else '-'} |")
+    if ref:
+        print(f"\nLLaRA-style ValidRatio (generated title matches a candidate): batch 1 {ref['valid_ratio_b1']:.2f}, "
+              f"batch 32 {ref['valid_ratio_b32']:.2f}; Speeder's is 1 by construction.")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
