@@ -213,6 +213,34 @@ def worker(args):
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def run_worker(system, args, history, candidates):
+    command = [sys.executable, __file__, "--worker", system, "--backbone", args.backbone, "--data", args.data,
+               "--batch", str(args.batch), "--history", str(history), "--candidates", str(candidates),
+               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{system} failed:\n{run.stderr[-3000:]}")
+    print(f"measured {system} ({history} x {candidates})", file=sys.stderr, flush=True)
+    return json.loads(line[len("RESULT "):])
+
+
+def grid(args):
+    """Inference cost over history lengths and candidate counts: it should grow linearly in both."""
+    results = []
+    for cell in args.grid.split(","):
+        history, candidates = map(int, cell.split("x"))
+        for system in args.systems.split(","):
+            results.append(run_worker(system, args, history, candidates))
+    print("| system | history | candidates | tokens/ex | infer b1 p50 ms | b32 p50 ms/user | train ex/s |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['system']} | {r['history']} | {r['candidates']} | {r['tokens_per_example']} | "
+              f"{1e3 * r['infer_b1_p50_s']:.1f} | {1e3 * r['infer_b32_p50_s']:.2f} | {r['train_examples_per_s']:.1f} |")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="tiny-llama")
@@ -224,20 +252,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None)
+    parser.add_argument("--grid", default=None,
+                        help="scaling table instead: e.g. 10x20,50x20,200x20,10x100,50x100,200x100 (history x candidates)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    results = {}
-    for system in args.systems.split(","):
-        command = [sys.executable, __file__, "--worker", system] + [
-            a for a in sys.argv[1:] if not a.startswith("--output")]
-        run = subprocess.run(command, capture_output=True, text=True)
-        line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{system} failed:\n{run.stderr[-3000:]}")
-        results[system] = json.loads(line[len("RESULT "):])
-        print(f"measured {system}", file=sys.stderr, flush=True)
+    if args.grid:
+        return grid(args)
+    results = {system: run_worker(system, args, args.history, args.candidates) for system in args.systems.split(",")}
     ref = results.get("llara")
     header = ("system", "tokens/ex", "train ex/s", "x LLaRA", "infer b1 p50 ms", "p95", "b32 p50 ms/user", "p95",
               "% of LLaRA b1", "% of LLaRA b32", "train RSS +MB", "% of LLaRA")
