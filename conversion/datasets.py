@@ -22,6 +22,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from safetensors.torch import load_file, save_file
 
+from ..modeling_speeder import replace_directory
+
 SPLITS = ("train", "validation", "test")
 ROW_FEATURES = Features({"user_id": Value("string"), "history": List(Value("string")), "target": Value("string"),
                          "candidates": List(Value("string"))})
@@ -102,14 +104,7 @@ def write_canonical(
                 tensors[f"presence_{m}"] = mask.bool().contiguous()
             save_file(tensors, tmp / "features.safetensors")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        if output.exists():
-            old = output.with_name(f".{output.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(output)
+        replace_directory(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,38 +301,35 @@ def _k_core(rows: list[tuple[str, str, float, int]], k: int):
         rows = kept
 
 
+def _read_jsonl(path: Path, required: tuple[str, ...]):
+    """(line number, object) for each non-empty line, with clear errors for bad JSON and missing fields."""
+    for line_no, line in enumerate(open(path, encoding="utf-8"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line_no}: not JSON ({err})") from None
+        missing = [c for c in required if c not in obj]
+        if missing:
+            raise ValueError(f"{path}, line {line_no}: missing {missing}")
+        yield line_no, obj
+
+
 def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_core: int = 5, **split_kwargs):
     """Raw Amazon Reviews 2023 JSONL: a reviews file (user_id, parent_asin, timestamp) and a meta file
     (parent_asin, title, features, description, images). k-core filtered, ordered by timestamp (ties by file
     order); the first large image URL of each item is kept as its image reference. Returns (splits, items)."""
     reviews, meta = Path(reviews), Path(meta)
-    rows = []
-    for path, required in ((reviews, ("user_id", "parent_asin", "timestamp")), (meta, ("parent_asin",))):
+    for path in (reviews, meta):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty")
-    for line_no, line in enumerate(open(reviews, encoding="utf-8"), start=1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{reviews}, line {line_no}: not JSON ({err})") from None
-        missing = [c for c in ("user_id", "parent_asin", "timestamp") if c not in r]
-        if missing:
-            raise ValueError(f"{reviews}, line {line_no}: missing {missing}")
-        rows.append((str(r["user_id"]), str(r["parent_asin"]), float(r["timestamp"]), line_no))
+    rows = [(str(r["user_id"]), str(r["parent_asin"]), float(r["timestamp"]), line_no)
+            for line_no, r in _read_jsonl(reviews, ("user_id", "parent_asin", "timestamp"))]
     metadata = {}
-    for line_no, line in enumerate(open(meta, encoding="utf-8"), start=1):
-        if not line.strip():
-            continue
-        try:
-            m = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta}, line {line_no}: not JSON ({err})") from None
-        if "parent_asin" not in m:
-            raise ValueError(f"{meta}, line {line_no}: missing ['parent_asin']")
+    for line_no, m in _read_jsonl(meta, ("parent_asin",)):
         if m["parent_asin"] in metadata:
             raise ValueError(f"{meta}, line {line_no}: duplicate item id {m['parent_asin']!r}")
         metadata[m["parent_asin"]] = m

@@ -52,6 +52,19 @@ def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_
     return inner_mask
 
 
+def replace_directory(new: Path, final: Path):
+    """Make the finished folder `new` take the place of `final`. The old folder is moved aside first and removed
+    last, so at every moment one complete version exists (at `final`, or beside it while the two renames run)."""
+    if final.exists():
+        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
+        new.rename(final)
+        shutil.rmtree(previous)
+    else:
+        new.rename(final)
+
+
 @dataclass
 class SpeederRecommendationOutput(ModelOutput):
     """
@@ -161,17 +174,11 @@ class SpeederPreTrainedModel(PreTrainedModel):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
         try:
             super().save_pretrained(tmp, *args, **kwargs)
-            if final.exists():
-                for old_file in final.iterdir():
-                    stale_weights = old_file.name.startswith("model") and ".safetensors" in old_file.name
-                    if not (tmp / old_file.name).exists() and not stale_weights:
-                        (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
-                previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
-                final.rename(previous)
-                tmp.rename(final)
-                shutil.rmtree(previous)
-            else:
-                tmp.rename(final)
+            for old_file in final.iterdir() if final.exists() else []:
+                stale_weights = old_file.name.startswith("model") and ".safetensors" in old_file.name
+                if not (tmp / old_file.name).exists() and not stale_weights:
+                    (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+            replace_directory(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -548,4 +555,5 @@ __all__ = [
     "SpeederModalityExperts",
     "SpeederRecommendationOutput",
     "candidate_isolation_mask_function",
+    "replace_directory",
 ]
