@@ -393,9 +393,6 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
     return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
 
 
-__all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",
-           "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
-
 
 def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tensor], presence: Mapping[str, torch.Tensor]):
     """Merge modalities into `<data_dir>/features.safetensors` (others kept), written to a temporary file first."""
@@ -415,3 +412,7 @@ def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tens
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp)
     tmp.replace(path)
+
+
+__all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",
+           "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
