@@ -201,7 +201,7 @@ def worker(args):
     result["train_examples_per_s"] = B / result["train_step_s"]
     for batch in (1, 32):
         times, valid = [], []
-        infer(batch)
+        infer(1)  # warm-up at batch 1: a batch-32 LLaRA generation on a real LLM costs minutes on a CPU
         for _ in range(args.repeats):
             start = time.perf_counter()
             valid.append(infer(batch))
