@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import and_masks, create_causal_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
 from transformers.utils import ModelOutput
 
 from .configuration_speeder import MODALITIES, SpeederConfig
@@ -338,18 +338,24 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         unsupported = set(kinds) - {"full_attention", "sliding_attention"}
         if unsupported:
             raise NotImplementedError(f"Backbone layer types {sorted(unsupported)} are not supported with candidates in the prompt")
+        # Transformers' own mask interface for the backend (bool for sdpa, float for eager, BlockMask for flex). The
+        # rules index tensors with broadcast index grids, so vmap is not needed: create_causal_mask would switch it on
+        # for any custom rule, and on CPU that made mask building ~80% of a small model's inference time.
+        build = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
+        batch_size, seq_len = embeds.shape[:2]
         masks = {}
         for kind in set(kinds):
             rule = isolation
             if kind == "sliding_attention":
-                seq_len, k = embeds.shape[1], self.config.tokens_per_item
+                k = self.config.tokens_per_item
                 virtual = torch.arange(seq_len, device=embeds.device)
                 virtual = torch.where(virtual > query_pos, query_pos + 1 + (virtual - query_pos - 1) % k, virtual)
-                virtual = virtual.expand(embeds.shape[0], -1)
+                virtual = virtual.expand(batch_size, -1)
                 rule = and_masks(isolation, candidate_sliding_window_mask_function(virtual, text_config.sliding_window))
-            masks[kind] = create_causal_mask(
-                config=text_config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None,
-                position_ids=position_ids, and_mask_function=rule,
+            masks[kind] = build(
+                batch_size=batch_size, q_length=seq_len, kv_length=seq_len, q_offset=0, kv_offset=0,
+                mask_function=and_masks(causal_mask_function, rule), attention_mask=attention_mask.bool(),
+                allow_is_causal_skip=False, dtype=embeds.dtype, config=text_config, use_vmap=False, device=embeds.device,
             )
         return masks if layer_types is not None else masks[kinds[0]]
 
@@ -357,9 +363,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         if candidate_scoring not in ("auto", "mask", "prefix_cache"):
             raise ValueError(f"candidate_scoring must be 'auto', 'mask' or 'prefix_cache', got {candidate_scoring!r}")
         if candidate_scoring == "auto":
-            # FlashAttention kernels take no arbitrary mask: encode the shared prompt once, then the candidates as
-            # a batch of continuations of its KV cache (DESIGN.md section 5).
-            return "flash" in (self.backbone.config._attn_implementation or "")
+            # FlashAttention kernels (and hub kernels without a mask builder) take no arbitrary mask: encode the
+            # shared prompt once, then the candidates as a batch of continuations of its KV cache (DESIGN.md 5).
+            implementation = self.backbone.config._attn_implementation or "sdpa"
+            return "flash" in implementation or implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
         return candidate_scoring == "prefix_cache"
 
     # ----- forward -----
