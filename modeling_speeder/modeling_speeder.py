@@ -282,7 +282,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self._item_cache = self._item_repr_cache = None
 
     def train(self, mode: bool = True):
-        self.clear_item_cache()
+        if mode:  # weights may change from here on; eval() keeps the cache (recommend() calls it every time)
+            self.clear_item_cache()
         return super().train(mode)
 
     def item_representations(self) -> torch.Tensor:

@@ -183,3 +183,16 @@ def test_chunked_catalog_topk_equals_full():
         scores, rows = model._catalog_topk(out.query_hidden_state, 7, None, chunk_size=6)
     torch.testing.assert_close(scores, full.values)
     assert torch.equal(rows, full.indices)
+
+
+def test_item_cache_survives_eval_and_is_dropped_for_training():
+    model, proc = make_tiny("llama")
+    model.recommend([["item1"]], processor=proc)
+    cache = model._item_cache
+    model.recommend([["item2"]], processor=proc)
+    assert model._item_cache is cache, "recommend() must not re-encode the catalog on every call"
+    model.train()
+    assert model._item_cache is None
+    model.eval()
+    model.set_active_modalities(["text"])
+    assert model._item_cache is None
