@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .conversion.build import build_speeder, make_word_tokenizer
+from .conversion.build import build_speeder, load_backbone
 from .conversion.datasets import convert_recbole, convert_unisrec, load_canonical, movielens_100k_path, write_canonical
 from .conversion.features import encode_texts
 from .processing.collator import SpeederDataCollator
-from .processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
 from .training import SpeederMPOCallback, compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -47,20 +46,11 @@ def prepare_dataset(name: str, output: Path) -> dict:
     return stats
 
 
-def tiny_backbone_config(hidden_size=128, layers=2, heads=4, vocab_size=128):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab_size,
-                       max_position_embeddings=1024)
-
-
 def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, **config_kwargs):
     """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given."""
     splits, items, features, presence = load_canonical(data_dir)
     if backbone is None:
-        tokenizer = make_word_tokenizer([DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE])
-        backbone = tiny_backbone_config()
+        backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer
     model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
                                      item_titles=items["title"], learned_id_dim=learned_id_dim, **config_kwargs)
     return model, processor, splits
