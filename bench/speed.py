@@ -154,8 +154,6 @@ def worker(args):
             valid = [title_index.get(t.strip().lower()) in set(c) for t, (_, c, _) in zip(texts, rows_b)]
             return sum(valid) / len(valid)
     else:
-        from transformers import AutoTokenizer  # noqa: F401
-
         features = {"text": torch.randn(len(item_ids), 64)}
         model, processor = build_speeder(backbone, tokenizer, item_ids, features, learned_id_dim=32,
                                          max_history=max(L, 1), expert_hidden_size=128)

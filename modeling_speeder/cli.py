@@ -370,8 +370,8 @@ def main(argv=None):
     p.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args = _load_config(args, commands.choices[args.command])
-    missing = [flag for flag in ("data", "model") if flag in ("data",) + (("model",) if args.command == "evaluate" else ())
-               and getattr(args, flag, "") is None]
+    required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())
+    missing = [flag for flag in required if getattr(args, flag) is None]
     if missing:
         parser.error(f"{args.command} needs --{' and --'.join(missing)} (on the command line or in --config)")
     args.run(args)

@@ -195,7 +195,7 @@ def write_report(output: Path, report: dict):
     except ImportError:
         logger.warning("matplotlib is not installed: report.json written, plots skipped")
         return
-    split = "test" if "test" in report else next((k for k in ("validation",) if k in report), None)
+    split = next((k for k in ("test", "validation") if k in report), None)
     if split and report[split].get("by_history_length"):
         buckets = report[split]["by_history_length"]
         fig, ax = plt.subplots(figsize=(7, 4))

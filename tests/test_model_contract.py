@@ -101,3 +101,27 @@ def test_prefix_cache_path_matches_mask_path(family):
     assert ref_grads.keys() == fast_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sliding_window_without_layer_types_keeps_candidates_a_set():
+    """Mistral-style configs (one sliding_window, no layer_types) take the single sliding mask: candidates still
+    form a set, and the one-pass path equals the prefix-cache path."""
+    from transformers import MistralConfig
+
+    import conftest
+
+    config = MistralConfig(**conftest.SMALL, sliding_window=6)
+    conftest.BACKBONES["mistral_window"] = lambda: config
+    try:
+        model, processor = make_tiny("mistral_window")
+    finally:
+        del conftest.BACKBONES["mistral_window"]
+    assert getattr(model.backbone.config, "layer_types", None) is None and model.backbone.config.sliding_window == 6
+    perm = [2, 0, 3, 1]
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    with torch.no_grad():
+        scores = model(**inputs, candidate_scoring="mask").candidate_scores
+        permuted = model(**processor(histories=HISTORIES, candidates=[[c[p] for p in perm] for c in CANDIDATES])).candidate_scores
+        cached = model(**inputs, candidate_scoring="prefix_cache").candidate_scores
+    torch.testing.assert_close(permuted, scores[:, perm], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, scores, rtol=0, atol=1e-5)
