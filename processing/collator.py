@@ -18,6 +18,7 @@ class SpeederDataCollator:
     num_negatives: int = 19  # 20 candidates, the research protocol
     seed: int = 0
     dense: bool = False  # catalog head, every prefix in one pass: no candidates, `dense_catalog_labels` instead
+    packed: bool = False  # with dense: padding-free rows with explicit boundaries (FlashAttention varlen, flex)
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -39,8 +40,11 @@ class SpeederDataCollator:
         return cands
 
     def __call__(self, rows):
+        if self.packed and not self.dense:
+            raise ValueError("packed=True needs dense=True: packed batches train the catalog head, without candidates")
         if self.dense:
-            return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True)
+            return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
+                                  packed=self.packed)
         candidates = [list(r["candidates"]) if len(r.get("candidates") or []) else self._draw_candidates(r["history"], r["target"])
                       for r in rows]
         return self.processor(histories=[r["history"] for r in rows], candidates=candidates,

@@ -135,6 +135,7 @@ class SpeederProcessor(ProcessorMixin):
         candidates: Sequence[Sequence[str]] | None = None,
         targets: Sequence[str] | None = None,
         dense: bool = False,
+        packed: bool = False,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchEncoding:
@@ -146,7 +147,13 @@ class SpeederProcessor(ProcessorMixin):
         dense: also emit `dense_catalog_labels` (B, T): at the last token of each history item, the catalog index of
             the item that followed it (the next history item, or the target for the last one), -100 elsewhere.
             One causal pass then trains the catalog head on every prefix of the sequence (SASRec-style).
+        packed: padding-free layout for catalog-head inputs (no candidates): the prompts back to back in one row,
+            plus `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 sequence boundaries and `max_length_q` /
+            `max_length_k`, as Transformers' `DataCollatorWithFlattening` names them. SPAE position ids repeat values
+            (shared item and candidate ids), so the boundaries cannot be inferred from position-id resets.
         """
+        if packed and candidates is not None:
+            raise ValueError("packed=True builds catalog-head inputs only: candidates need the padded layout")
         if isinstance(histories, str) or not len(histories) or isinstance(histories[0], str):
             raise ValueError("histories must be a non-empty list of histories, each a list of item ids")
         batch = len(histories)
@@ -189,6 +196,10 @@ class SpeederProcessor(ProcessorMixin):
                     token_labels[item_tokens[(j + 1) * self.tokens_per_item - 1]] = next_row
                 dense_labels.append(token_labels)
 
+        if packed:
+            lengths = [len(r[0]) for r in rows]
+            rows = [tuple([value for r in rows for value in r[i]] for i in range(4))]
+            dense_labels = [[value for r in dense_labels for value in r]] if dense else dense_labels
         length = max(len(r[0]) for r in rows)
         pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
         data = {
@@ -210,6 +221,13 @@ class SpeederProcessor(ProcessorMixin):
             data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
         elif return_tensors is not None:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if packed:
+            boundaries = [0]
+            for n in lengths:
+                boundaries.append(boundaries[-1] + n)
+            if return_tensors == "pt":
+                boundaries = torch.tensor(boundaries, dtype=torch.int32)
+            data.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=max(lengths), max_length_k=max(lengths))
         return BatchEncoding(data)
 
     @property
