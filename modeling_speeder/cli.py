@@ -64,6 +64,9 @@ def demo(args):
     stats = recipes.prepare_dataset(dataset, output / "data")
     print(json.dumps({k: v for k, v in stats.items() if k != "source"}))
     print("[2/3] building a small Speeder and training it with transformers.Trainer through the MPO stages")
+    from transformers import set_seed
+
+    set_seed(args.seed)
     model, processor, splits = recipes.build_for_dataset(output / "data", max_history=args.max_history)
     report = recipes.train(model, processor, splits, output, max_steps=args.steps, batch_size=args.batch_size,
                            eval_rows=args.eval_rows, seed=args.seed)
@@ -192,10 +195,13 @@ def train_command(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pathlib import Path
 
+    from transformers import set_seed
+
     from . import recipes
     from .conversion.build import build_speeder, load_backbone
     from .conversion.datasets import load_canonical
 
+    set_seed(args.seed)  # the model's initial weights too, not only the Trainer's data order: a rerun is the same run
     splits, items, feats, presence = load_canonical(args.data)
     if args.model:
         from transformers import AutoModel, AutoProcessor
@@ -215,10 +221,12 @@ def train_command(args):
             use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
             catalog_loss_weight=args.catalog_loss_weight,
         )
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
     report = recipes.train(model, processor, splits, Path(args.output), max_steps=args.steps, batch_size=args.batch_size,
                            learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
-                           save_steps=args.save_steps, head=args.head)
+                           save_steps=args.save_steps, head=args.head, packed=args.packed)
     if "test" in report:
         print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
         recipes.print_metrics_table({"validation": report["validation"], "test": report["test"],
@@ -331,6 +339,10 @@ def main(argv=None):
     p.add_argument("--catalog-loss-weight", type=float, default=0.0)
     p.add_argument("--head", default="candidate", choices=["candidate", "catalog-dense"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
+    p.add_argument("--packed", action="store_true",
+                   help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
+    p.add_argument("--attn-implementation", default=None,
+                   help="backbone attention: eager, sdpa (default), flex_attention, flash_attention_2, a hub kernel")
     p.add_argument("--eval-rows", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
     p.add_argument("--seed", type=int, default=0)

@@ -83,18 +83,22 @@ def dense_training_rows(splits):
 
 def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, learning_rate=1e-3, seed=0,
           eval_rows=None, resume=False, mpo=True, lora_r=0, gradient_accumulation_steps=1, save_steps=None,
-          head="candidate", **training_kwargs):
+          head="candidate", packed=False, **training_kwargs):
     """Train with `transformers.Trainer` (MPO callback, fresh negatives, optional LoRA), save the (merged)
     checkpoint and processor under output/model, evaluate validation and test, write report.json and plots.
 
     head: "candidate" (cross-entropy over 20 candidates per training prefix) or "catalog-dense" (the catalog
-    head, full softmax, every prefix of each user's training sequence in one causal pass)."""
+    head, full softmax, every prefix of each user's training sequence in one causal pass).
+    packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
+    kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves)."""
     from transformers import Trainer, TrainingArguments
 
     output = Path(output)
     if head not in ("candidate", "catalog-dense"):
         raise ValueError(f"head must be 'candidate' or 'catalog-dense', got {head!r}")
     dense = head == "catalog-dense"
+    if packed and not dense:
+        raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
     if dense:
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
     if lora_r:
@@ -110,7 +114,7 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
     mpo_callback = SpeederMPOCallback() if mpo else None
     trainer = Trainer(
         model=model, args=args, train_dataset=dense_training_rows(splits) if dense else splits["train"],
-        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense),
+        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=[mpo_callback] if mpo else [],
     )
     checkpoint = None
