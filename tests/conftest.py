@@ -65,10 +65,13 @@ def packed_and_padded_runs(family, impl, device="cpu", dtype=torch.float32, back
                             catalog_loss_weight=1.0)
     model = model.to(device, dtype).train()
     results = []
+    # A per-example MPO modality mask (one row per sequence, also when they share one packed row).
+    modality_mask = torch.ones(len(HISTORIES), len(model.mrc.modalities), dtype=torch.bool, device=device)
+    modality_mask[0, 0] = modality_mask[2, -1] = False
     for packed in (False, True):
         inputs = proc(histories=HISTORIES, targets=TARGETS, dense=True, packed=packed).to(device)
         model.zero_grad()
-        out = model(**inputs)
+        out = model(**inputs, modality_mask=modality_mask)
         out.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         assert out.loss > 0 and grads.abs().max() > 0, "a comparison of zero gradients proves nothing"
