@@ -229,8 +229,9 @@ def train_command(args):
                            save_steps=args.save_steps, head=args.head, packed=args.packed)
     if "test" in report:
         print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
-        recipes.print_metrics_table({"validation": report["validation"], "test": report["test"],
-                                     "test, scored by the catalog head": report["test"]["catalog_head"]})
+        recipes.print_metrics_table({"validation": report["validation"], f"test ({report['test']['head']} head)": report["test"],
+                                     "test, candidate head": report["test"]["candidate_head"],
+                                     "test, catalog head": report["test"]["catalog_head"]})
         print(f"test full-catalog HR@10 {report['test']['full_hr@10']:.4f}, NDCG@10 {report['test']['full_ndcg@10']:.4f}")
 
 

@@ -522,6 +522,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
     # ----- recommendation API -----
 
+    @property
+    def ranks_candidates_with_catalog_head(self) -> bool:
+        """True for a model trained on the catalog loss alone (dense training): its candidate head never learned, so
+        candidates are ranked by the catalog head's dot products, with no candidates in the prompt."""
+        return not self.config.candidate_loss_weight and bool(self.config.catalog_loss_weight)
+
     def check_catalog(self, processor):
         """Raise if the processor's catalog is not the one this checkpoint was built on."""
         if processor.num_items != self.config.num_items:
@@ -549,8 +555,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     ) -> list[dict]:
         """Top-k next items for each history of raw item ids.
 
-        With `candidates`, ranks each user's candidates with the candidate head; otherwise ranks the whole catalog
-        with the catalog head, excluding the history's items when `exclude_history`. Returns one dict per user:
+        With `candidates`, ranks each user's candidates with the head the model was trained with (the candidate head,
+        or the catalog head for a catalog-only model); otherwise ranks the whole catalog with the catalog head,
+        excluding the history's items when `exclude_history`. Returns one dict per user:
         {"item_ids": [...], "scores": [...]}, best first.
         """
         if processor is None:
@@ -569,11 +576,17 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         for start in range(0, len(histories), batch_size):
             hist = histories[start : start + batch_size]
             cands = None if candidates is None else candidates[start : start + batch_size]
-            inputs = processor(histories=hist, candidates=cands, return_tensors="pt").to(self.device)
-            out = self(**inputs)
+            by_catalog_head = cands is not None and self.ranks_candidates_with_catalog_head
+            inputs = processor(histories=hist, candidates=None if by_catalog_head else cands, return_tensors="pt").to(self.device)
+            out = self(**inputs, return_catalog_scores=by_catalog_head)
             if cands is not None:
-                scores, order = out.candidate_scores.topk(min(top_k, out.candidate_scores.shape[1]), dim=-1)
-                rows = inputs["candidate_item_index"].gather(1, order)
+                if by_catalog_head:
+                    candidate_rows = torch.tensor([[processor.item_index(i) for i in c] for c in cands], device=self.device)
+                    candidate_scores = out.catalog_scores.gather(1, candidate_rows)
+                else:
+                    candidate_rows, candidate_scores = inputs["candidate_item_index"], out.candidate_scores
+                scores, order = candidate_scores.topk(min(top_k, candidate_scores.shape[1]), dim=-1)
+                rows = candidate_rows.gather(1, order)
             else:
                 exclude = None
                 if exclude_history:

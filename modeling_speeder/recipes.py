@@ -149,8 +149,8 @@ def select(data, rows):
 
 @torch.inference_mode()
 def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
-    """Protocol P metrics (candidate head, stored candidates), by history-length bucket, and protocol R
-    (catalog head, whole catalog with history items excluded)."""
+    """Protocol P metrics (stored candidates, ranked by the head the model was trained with), by history-length
+    bucket, the same for each head separately, and protocol R (catalog head, whole catalog, history excluded)."""
     from .training import ranking_metrics
 
     model.eval()
@@ -170,10 +170,14 @@ def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
         catalog.scatter_(1, targets[:, None], target_scores)
         ranks.append(((catalog >= target_scores).sum(1) - 1).cpu())
         lengths += [len(h) for h in rows["history"]]
-    scores, labels, ranks, lengths = torch.cat(scores), torch.cat(labels), torch.cat(ranks), torch.tensor(lengths)
+    labels, ranks, lengths = torch.cat(labels), torch.cat(ranks), torch.tensor(lengths)
+    candidate_head_scores, catalog_head_scores = torch.cat(scores), torch.cat(catalog_head_scores)
+    scores = catalog_head_scores if model.ranks_candidates_with_catalog_head else candidate_head_scores
     report = ranking_metrics(scores.numpy(), labels.numpy())
+    report["head"] = "catalog" if model.ranks_candidates_with_catalog_head else "candidate"
+    report["candidate_head"] = ranking_metrics(candidate_head_scores.numpy(), labels.numpy())
     # The candidate protocol scored by the catalog head: dot products with the candidates, none of them in the prompt.
-    report["catalog_head"] = ranking_metrics(torch.cat(catalog_head_scores).numpy(), labels.numpy())
+    report["catalog_head"] = ranking_metrics(catalog_head_scores.numpy(), labels.numpy())
     report["full_hr@10"] = float((ranks < 10).float().mean())
     report["full_ndcg@10"] = float(((ranks < 10) / torch.log2(ranks.float() + 2)).mean())
     report["users"] = len(labels)

@@ -249,6 +249,23 @@ def test_dense_head_trains_through_the_cli(tmp_path):
          "--head", "catalog-dense", "--expert-hidden-size", "16", "--learned-id-dim", "8"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["head"] == "catalog-dense" and {"hr@1", "ndcg@10"} <= set(report["test"]["catalog_head"])
+    # The candidate head never trained: the protocol's headline metrics come from the catalog head.
+    assert report["test"]["head"] == "catalog" and report["test"]["mrr"] == report["test"]["catalog_head"]["mrr"]
+
+
+def test_catalog_only_model_ranks_candidates_with_its_catalog_head():
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0, candidate_loss_weight=0.0)
+    assert model.ranks_candidates_with_catalog_head
+    ranked = model.recommend(HISTORIES, candidates=CANDIDATES, top_k=4, processor=processor)
+    inputs = processor(histories=HISTORIES)
+    with torch.no_grad():
+        catalog = model(**inputs, return_catalog_scores=True).catalog_scores
+    for result, cands, row in zip(ranked, CANDIDATES, catalog):
+        expected = sorted(cands, key=lambda item: -float(row[processor.item_index(item)]))
+        assert result["item_ids"] == expected
+        torch.testing.assert_close(torch.tensor(result["scores"]), row[[processor.item_index(i) for i in expected]])
+    model.config.candidate_loss_weight = 1.0  # a candidate-trained model keeps its candidate head
+    assert not model.ranks_candidates_with_catalog_head
 
 
 def test_packed_dense_training_matches_padded_through_the_cli(tmp_path):
