@@ -5,7 +5,7 @@
 
 DATA_DIR is a canonical dataset folder with an `id` feature (`speeder features --collaborative`): LLaRA's
 collaborative token is that SASRec embedding, projected. Both systems train with LoRA (rank 8, attention
-projections) on the backbone, batch 4, histories of at most `--history` items, 20 candidates (target + 19 drawn
+projections) on the backbone, or the whole backbone with `--full-finetune` (for random-weight backbones), batch 4, histories of at most `--history` items, 20 candidates (target + 19 drawn
 outside the history), and are tested on the first `--eval-users` test users with their stored candidates.
 
 - LLaRA-style: each item is its title (first `--title-words` words) followed by its projected collaborative token;
@@ -55,7 +55,8 @@ def train_and_test_llara(args):
     cf_token = tokenizer.convert_tokens_to_ids("<|cf|>")
     cf = torch.as_tensor(features["id"], dtype=torch.float32)  # (N, d) SASRec item embeddings
     projector = torch.nn.Linear(cf.shape[1], backbone.config.hidden_size)
-    model = get_peft_model(backbone, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = backbone if args.full_finetune else get_peft_model(
+        backbone, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 
     def prompt(history, candidates):
         hist = ", ".join(f"{titles[i]} <|cf|>" for i in history)
@@ -131,7 +132,8 @@ def train_and_test_speeder(args, examples, name):
     steps = max(1, math.ceil(examples / args.batch))
     out = Path(args.workdir) / name
     command = [sys.executable, "-m", "modeling_speeder", "train", "--data", args.data, "--backbone", args.backbone,
-               "--output", str(out), "--steps", str(steps), "--batch-size", str(args.batch), "--lora-r", "8",
+               "--output", str(out), "--steps", str(steps), "--batch-size", str(args.batch),
+               "--lora-r", "0" if args.full_finetune else "8",
                "--max-history", str(args.history), "--eval-rows", str(args.eval_users), "--seed", str(args.seed),
                "--lr", str(args.speeder_lr)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -155,6 +157,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3, help="LLaRA-style: LoRA and projector learning rate")
     parser.add_argument("--speeder-lr", type=float, default=1e-3)
     parser.add_argument("--max-speeder-examples", type=int, default=20000, help="cap on the equal-time run")
+    parser.add_argument("--full-finetune", action="store_true", help="train the whole backbone instead of LoRA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="outputs/quality")
     parser.add_argument("--output", default=None)
