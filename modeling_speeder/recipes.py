@@ -154,6 +154,7 @@ def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
     from .training import ranking_metrics
 
     model.eval()
+    model.cache_item_tokens()  # once, not per batch: every batch's catalog scores need all item representations
     scores, catalog_head_scores, labels, ranks, lengths = [], [], [], [], []
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]

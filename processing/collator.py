@@ -22,6 +22,8 @@ class SpeederDataCollator:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
+        if self.packed and not self.dense:
+            raise ValueError("packed=True needs dense=True: packed batches train the catalog head, without candidates")
         self._rng = np.random.default_rng(self.seed)
 
     def _draw_candidates(self, history, target):
@@ -40,8 +42,6 @@ class SpeederDataCollator:
         return cands
 
     def __call__(self, rows):
-        if self.packed and not self.dense:
-            raise ValueError("packed=True needs dense=True: packed batches train the catalog head, without candidates")
         if self.dense:
             return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
                                   packed=self.packed)

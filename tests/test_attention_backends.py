@@ -64,6 +64,10 @@ def test_packed_layout_and_its_errors():
     assert inputs.cu_seq_lens_q.dtype == torch.int32 and inputs.max_length_q == max(lengths)
     # Why explicit boundaries: K tokens of an item share a position id, so position-id diffs are not all 1.
     assert (inputs.position_ids.diff() == 0).any()
+    from modeling_speeder.processing.collator import SpeederDataCollator
+
+    with pytest.raises(ValueError, match="packed=True needs dense=True"):
+        SpeederDataCollator(proc, packed=True)
     with pytest.raises(ValueError, match="packed=True builds catalog-head inputs only"):
         proc(histories=HISTORIES, candidates=[["item20", "item21"]] * 3, packed=True)
     with pytest.raises(ValueError, match="cu_seq_lens_q ends at"):

@@ -268,19 +268,29 @@ def test_catalog_only_model_ranks_candidates_with_its_catalog_head():
     assert not model.ranks_candidates_with_catalog_head
 
 
-def test_packed_dense_training_matches_padded_through_the_cli(tmp_path):
+def test_packed_dense_training_matches_padded_through_the_cli(tmp_path, monkeypatch):
     """The Trainer runs packed (padding-free) batches like padded ones: same losses step by step, same metrics."""
     from test_distributed_and_resume import tiny_dataset
 
     from modeling_speeder.cli import main as cli
 
     tiny_dataset(tmp_path / "data")
-    reports = {}
+    reports, layouts_seen = {}, set()
+    collate = SpeederDataCollator.__call__
+
+    def recording_collate(self, rows):
+        batch = collate(self, rows)
+        layouts_seen.add("packed" if "cu_seq_lens_q" in batch else "padded")
+        return batch
+
+    monkeypatch.setattr(SpeederDataCollator, "__call__", recording_collate)
     for layout in ("padded", "packed"):
+        layouts_seen.clear()
         cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / layout), "--steps", "4",
              "--batch-size", "4", "--head", "catalog-dense", "--expert-hidden-size", "16", "--learned-id-dim", "8",
              "--attn-implementation", "eager"] + (["--packed"] if layout == "packed" else []))
         reports[layout] = json.loads((tmp_path / layout / "report.json").read_text())
+        assert layouts_seen == {layout}, "the Trainer must get the layout asked for"
     losses = {k: [e["loss"] for e in r["log_history"] if "loss" in e] for k, r in reports.items()}
     assert len(losses["packed"]) == 4
     assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-4)
