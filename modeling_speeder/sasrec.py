@@ -12,7 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .training import ranking_metrics
+from .evaluation import (
+    exclude_history,
+    full_ranking_metrics,
+    ranking_metrics,
+    report_for,
+    target_ranks,
+    training_windows,
+)
 
 
 @strict
@@ -81,54 +88,82 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
 
 
 def train_sasrec(sequences: list[list[int]], num_items: int, epochs: int = 200, batch_size: int = 128, lr: float = 1e-3,
-                 seed: int = 0, log_every: int = 0, **config_kwargs) -> SASRecModel:
-    """Train on per-user training sequences (catalog rows, oldest first): each predicts its next item everywhere."""
+                 seed: int = 0, log_every: int = 0, validation: tuple[list[list[int]], list[int]] | None = None,
+                 patience: int = 10, weight_decay: float = 0.0, **config_kwargs) -> SASRecModel:
+    """Train on per-user training sequences (catalog rows, oldest first) with the dense next-item loss (full softmax).
+
+    Every training target of every user is predicted exactly once per epoch: long sequences are cut into overlapping
+    windows of `max_length` items (`training_windows`), where each window's positions already covered by the previous
+    window give context only. With `validation` = (histories, targets), the model is evaluated after every epoch on
+    full-catalog NDCG@10 (history excluded), the best epoch's weights are kept and training stops after `patience`
+    epochs without improvement, as RecBole does. `model.training_record` holds the curve and the best epoch.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SASRecModel(SASRecConfig(num_items=num_items, **config_kwargs)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    max_len = model.config.max_length + 1
-    seqs = [s[-max_len:] for s in sequences if len(s) >= 2]
-    start = time.perf_counter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    windows = [w for s in sequences for w in training_windows(s, model.config.max_length)]
+    record = {"epochs": [], "best_epoch": None, "best_validation_ndcg@10": None, "windows": len(windows)}
+    best_state, stale, start = None, 0, time.perf_counter()
     for epoch in tqdm(range(epochs), desc="SASRec", unit="epoch"):
-        order = rng.permutation(len(seqs))
+        model.train()
+        order = rng.permutation(len(windows))
         for b in range(0, len(order), batch_size):
-            rows = [seqs[i] for i in order[b : b + batch_size]]
-            inputs = _pad([r[:-1] for r in rows])
+            rows = [windows[i] for i in order[b : b + batch_size]]
+            inputs = _pad([w[:-1] for w, _ in rows])
             labels = torch.full_like(inputs, -100)
-            for i, r in enumerate(rows):
-                labels[i, : len(r) - 1] = torch.tensor(r[1:])
+            for i, (w, first_labeled) in enumerate(rows):
+                labels[i, first_labeled : len(w) - 1] = torch.tensor(w[first_labeled + 1 :])
             loss, _ = model(inputs, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        entry = {"epoch": epoch + 1, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1)}
+        if validation is not None:
+            model.eval()
+            entry["validation_ndcg@10"] = evaluate_sasrec(model, *validation)["full_ndcg@10"]
+            if best_state is None or entry["validation_ndcg@10"] > record["best_validation_ndcg@10"]:
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                record.update(best_epoch=epoch + 1, **{"best_validation_ndcg@10": entry["validation_ndcg@10"]})
+                stale = 0
+            else:
+                stale += 1
+        record["epochs"].append(entry)
         if log_every and (epoch + 1) % log_every == 0:
-            print(f"SASRec epoch {epoch + 1}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+            print(f"SASRec {entry}")
+        if validation is not None and stale >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.training_record = record
     return model.eval()
 
 
 @torch.no_grad()
-def evaluate_sasrec(model: SASRecModel, histories: list[list[int]], targets: list[int],
-                    candidates: list[list[int]] | None = None, batch_size: int = 256) -> dict:
-    """Full-catalog HR@10 / NDCG@10 with history items excluded, and the candidate protocol when given."""
+def catalog_scores(model: SASRecModel, histories: list[list[int]], batch_size: int = 256) -> torch.Tensor:
+    """(B, N) dot products of each user's last hidden state with every item."""
     items = model.item_embeddings()
-    ranks, cand_scores = [], []
-    for b in range(0, len(histories), batch_size):
-        hist, tgt = histories[b : b + batch_size], targets[b : b + batch_size]
-        scores = model.user_embeddings(hist) @ items.T  # (B, N)
-        for i, h in enumerate(hist):
-            keep = scores[i, tgt[i]].clone()
-            scores[i, h] = float("-inf")
-            scores[i, tgt[i]] = keep
-        ranks += ((scores >= scores[torch.arange(len(tgt)), tgt][:, None]).sum(1) - 1).tolist()
-        if candidates is not None:
-            cand_scores.append(scores.gather(1, torch.tensor(candidates[b : b + batch_size])))
-    ranks = np.array(ranks)
-    out = {"full_hr@10": float(np.mean(ranks < 10)), "full_ndcg@10": float(np.mean((ranks < 10) / np.log2(ranks + 2)))}
-    if candidates is not None:
-        labels = [c.index(t) for c, t in zip(candidates, targets)]
-        out.update(ranking_metrics(torch.cat(cand_scores).numpy(), labels))
-    return out
+    return torch.cat([model.user_embeddings(histories[b : b + batch_size]) @ items.T
+                      for b in range(0, len(histories), batch_size)])
 
 
-__all__ = ["SASRecConfig", "SASRecModel", "evaluate_sasrec", "train_sasrec"]
+@torch.no_grad()
+def evaluate_sasrec(model: SASRecModel, histories: list[list[int]], targets: list[int],
+                    candidates: list[list[int]] | None = None, counts=None) -> dict:
+    """Full-catalog HR@10 / NDCG@10 with history items excluded (and without, as RecBole scores sequential models),
+    and, with `candidates`, the candidate protocol; with training-split item `counts`, the full bucketed report."""
+    scores = catalog_scores(model, histories)
+    target_rows = torch.tensor(targets)
+    raw_ranks = target_ranks(scores, target_rows)
+    ranks = target_ranks(exclude_history(scores, histories, keep=target_rows), target_rows)
+    if candidates is None:
+        return full_ranking_metrics(ranks)
+    labels = [c.index(t) for c, t in zip(candidates, targets)]
+    candidate_scores = scores.gather(1, torch.tensor(candidates)).numpy()
+    if counts is None:
+        return {**ranking_metrics(candidate_scores, labels), **full_ranking_metrics(ranks),
+                **full_ranking_metrics(raw_ranks, prefix="full_no_exclusion_")}
+    return report_for(candidate_scores, labels, ranks, [len(h) for h in histories], targets, counts, raw_ranks)
+
+
+__all__ = ["SASRecConfig", "SASRecModel", "catalog_scores", "evaluate_sasrec", "train_sasrec"]

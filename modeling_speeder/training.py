@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from .evaluation import ranking_metrics
+
 logger = logging.getLogger(__name__)
 
 # `evaluate.load(EVALUATE_MODULE)` gives the same metrics as an `evaluate` module, loaded by path (no hub).
@@ -19,30 +21,6 @@ PARAMETER_GROUPS = {
     "heads": ("candidate_head", "query_proj"),
     "backbone": ("backbone.",),
 }
-
-
-def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:
-    """HR@k, NDCG@k and MRR of the target among candidates. scores: (B, C); labels: (B,) target positions.
-
-    Ties count against the target (its rank is the number of candidates scoring >= it, minus itself), so
-    constant scores give chance-level numbers, never perfect ones. `valid`: (B,) bool, whether each answer was
-    a valid catalog item (generative baselines); ValidRatio is their share and VHR@1 = correct and valid / total.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
-    keep = labels >= 0
-    scores, labels = scores[keep], labels[keep]
-    target = scores[np.arange(len(labels)), labels]
-    rank = (scores >= target[:, None]).sum(1) - 1  # 0 = best
-    valid = np.ones(len(labels), dtype=bool) if valid is None else np.asarray(valid)[keep]
-    out = {}
-    for k in ks:
-        out[f"hr@{k}"] = float(np.mean(rank < k))
-        if k > 1:
-            out[f"ndcg@{k}"] = float(np.mean((rank < k) / np.log2(rank + 2)))
-    out["mrr"] = float(np.mean(1.0 / (rank + 1)))
-    out["valid_ratio"] = float(valid.mean())
-    out["vhr@1"] = float(np.mean((rank == 0) & valid))
-    return out
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -122,6 +100,12 @@ class SpeederMPOCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self._apply(model, state.global_step, state.max_steps)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # With load_best_model_at_end the weights are the best checkpoint's: serve them with its stage's modalities.
+        if state.best_model_checkpoint and model is not None:
+            best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+            self._apply(model, max(0, best_step - 1), state.max_steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._apply(model, state.global_step, state.max_steps)

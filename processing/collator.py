@@ -19,6 +19,7 @@ class SpeederDataCollator:
     seed: int = 0
     dense: bool = False  # catalog head, every prefix in one pass: no candidates, `dense_catalog_labels` instead
     packed: bool = False  # with dense: padding-free rows with explicit boundaries (FlashAttention varlen, flex)
+    candidates_in_prompt: bool = True  # False for models that rank stored candidates with the catalog head
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -42,11 +43,17 @@ class SpeederDataCollator:
         return cands
 
     def __call__(self, rows):
+        stored = [len(r.get("candidates") or []) > 0 for r in rows]
+        if any(stored) and not all(stored):
+            raise ValueError("A batch mixes rows with stored candidates (evaluation) and rows without (training)")
+        if all(stored):  # evaluation rows: scored on their stored candidates, by the model's ranking head
+            return self.processor(histories=[r["history"] for r in rows], candidates=[list(r["candidates"]) for r in rows],
+                                  targets=[r["target"] for r in rows], candidates_in_prompt=self.candidates_in_prompt)
         if self.dense:
+            first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
             return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
-                                  packed=self.packed)
-        candidates = [list(r["candidates"]) if len(r.get("candidates") or []) else self._draw_candidates(r["history"], r["target"])
-                      for r in rows]
+                                  packed=self.packed, dense_labels_from=first)
+        candidates = [self._draw_candidates(r["history"], r["target"]) for r in rows]
         return self.processor(histories=[r["history"] for r in rows], candidates=candidates,
                               targets=[r["target"] for r in rows])
 

@@ -136,6 +136,8 @@ class SpeederProcessor(ProcessorMixin):
         targets: Sequence[str] | None = None,
         dense: bool = False,
         packed: bool = False,
+        candidates_in_prompt: bool = True,
+        dense_labels_from: Sequence[int] | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchEncoding:
@@ -151,7 +153,20 @@ class SpeederProcessor(ProcessorMixin):
             plus `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 sequence boundaries and `max_length_q` /
             `max_length_k`, as Transformers' `DataCollatorWithFlattening` names them. SPAE position ids repeat values
             (shared item and candidate ids), so the boundaries cannot be inferred from position-id resets.
+        candidates_in_prompt: False leaves the candidates out of the prompt and only states them
+            (`candidate_item_index`): a model whose `candidate_ranking_head` is "catalog" scores them by dot products
+            with the query state, so the prompt is the same whatever the candidates.
+        dense_labels_from: with `dense`, per row the first history position (0-based, after truncation) whose
+            next-item label counts; earlier items are context only (overlapping training windows, each target
+            predicted once).
+
+        Besides the tokens, the output states the layout, so the model never re-derives it: `query_index` (B,) the
+        query token of each row (S,) per sequence when packed; with candidates in the prompt, `candidate_token_index`
+        (B, C) the last token of each candidate and `candidate_segment_ids` (B, T) 0 for the shared prompt and c + 1
+        for the tokens of candidate c.
         """
+        if kwargs:
+            raise TypeError(f"SpeederProcessor got unexpected arguments {sorted(kwargs)}")
         if packed and candidates is not None:
             raise ValueError("packed=True builds catalog-head inputs only: candidates need the padded layout")
         if isinstance(histories, str) or not len(histories) or isinstance(histories[0], str):
@@ -187,15 +202,20 @@ class SpeederProcessor(ProcessorMixin):
                     if target not in cands:
                         raise ValueError(f"Target {targets[b]!r} of row {b} is not among its candidates")
                     labels.append(cands.index(target))
-            rows.append(self._row(hist, cands))
+            rows.append(self._row(hist, cands if candidates_in_prompt else []))
             if dense:
                 following = hist[1:] + [self.item_index(targets[b]) if targets is not None else -100]
+                # Positions dropped by truncation shift the first labelled one.
+                first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - (len(history) - len(hist)))
                 token_labels = [-100] * len(rows[-1][0])
                 item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3])) if row >= 0 and 0 <= r < self.max_history]
                 for j, next_row in enumerate(following):
-                    token_labels[item_tokens[(j + 1) * self.tokens_per_item - 1]] = next_row
+                    if j >= first:
+                        token_labels[item_tokens[(j + 1) * self.tokens_per_item - 1]] = next_row
                 dense_labels.append(token_labels)
 
+        if dense_labels_from is not None and (not dense or len(dense_labels_from) != batch):
+            raise ValueError(f"dense_labels_from needs dense=True and one value per history, got {dense_labels_from!r}")
         if packed:
             lengths = [len(r[0]) for r in rows]
             rows = [tuple([value for r in rows for value in r[i]] for i in range(4))]
@@ -209,8 +229,20 @@ class SpeederProcessor(ProcessorMixin):
             "item_token_index": [pad(r[2], -1) for r in rows],
             "recency_index": [pad(r[3], -1) for r in rows],
         }
+        k = self.tokens_per_item
+        if packed:
+            ends = [sum(lengths[: s + 1]) for s in range(len(lengths))]
+            data["query_index"] = [e - 1 for e in ends]  # the query token closes every sequence
+        else:  # left padding: every row ends at T - 1; the query closes the shared prompt, candidates follow it
+            data["query_index"] = [length - 1 - (len(c) * k if candidates_in_prompt else 0)
+                                   for c in (cand_rows or [[]] * batch)]
         if candidates is not None:
             data["candidate_item_index"] = cand_rows
+            if candidates_in_prompt:
+                data["candidate_token_index"] = [[q + (c + 1) * k for c in range(len(cands))]
+                                                 for q, cands in zip(data["query_index"], cand_rows)]
+                data["candidate_segment_ids"] = [[0] * (q + 1) + [c + 1 for c in range(len(cands)) for _ in range(k)]
+                                                 for q, cands in zip(data["query_index"], cand_rows)]
         if labels:
             data["labels"] = labels
         if catalog_labels:
@@ -232,7 +264,8 @@ class SpeederProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "position_ids", "item_token_index", "recency_index", "candidate_item_index"]
+        return ["input_ids", "attention_mask", "position_ids", "item_token_index", "recency_index", "query_index",
+                "candidate_item_index", "candidate_token_index", "candidate_segment_ids"]
 
 
 __all__ = ["DEFAULT_PROMPT_BRIDGE", "DEFAULT_PROMPT_PREFIX", "SpeederProcessor", "catalog_fingerprint"]

@@ -70,6 +70,6 @@ def test_packed_layout_and_its_errors():
         SpeederDataCollator(proc, packed=True)
     with pytest.raises(ValueError, match="packed=True builds catalog-head inputs only"):
         proc(histories=HISTORIES, candidates=[["item20", "item21"]] * 3, packed=True)
-    with pytest.raises(ValueError, match="cu_seq_lens_q ends at"):
+    with pytest.raises(ValueError, match="cu_seq_lens_q has 3 boundaries for 3 packed sequences"):
         bad = dict(inputs, cu_seq_lens_q=inputs.cu_seq_lens_q[:-1])
         model(**bad)

@@ -46,7 +46,7 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     tiny_dataset(tmp_path / "data")
     command = [sys.executable, "-m", "modeling_speeder", "train", "--data", str(tmp_path / "data"),
                "--output", str(tmp_path / "run"), "--steps", "300", "--save-steps", "20", "--batch-size", "4",
-               "--expert-hidden-size", "16", "--learned-id-dim", "8"]
+               "--expert-hidden-size", "16", "--learned-id-dim", "8", "--patience", "0"]  # the whole budget
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     checkpoints = tmp_path / "run" / "trainer"

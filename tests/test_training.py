@@ -248,9 +248,11 @@ def test_dense_head_trains_through_the_cli(tmp_path):
     cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
          "--head", "catalog-dense", "--expert-hidden-size", "16", "--learned-id-dim", "8"])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["head"] == "catalog-dense" and {"hr@1", "ndcg@10"} <= set(report["test"]["catalog_head"])
-    # The candidate head never trained: the protocol's headline metrics come from the catalog head.
-    assert report["test"]["head"] == "catalog" and report["test"]["mrr"] == report["test"]["catalog_head"]["mrr"]
+    # The candidate head never trained: the protocol's metrics come from the catalog head (candidates not in the prompt).
+    assert report["head"] == "catalog-dense" and report["test"]["head"] == "catalog"
+    assert {"hr@1", "ndcg@10", "full_hr@10"} <= set(report["test"]) and "catalog_head" not in report["test"]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["candidate_ranking_head"] == "catalog"
 
 
 def test_catalog_only_model_ranks_candidates_with_its_catalog_head():
@@ -264,7 +266,7 @@ def test_catalog_only_model_ranks_candidates_with_its_catalog_head():
         expected = sorted(cands, key=lambda item: -float(row[processor.item_index(item)]))
         assert result["item_ids"] == expected
         torch.testing.assert_close(torch.tensor(result["scores"]), row[[processor.item_index(i) for i in expected]])
-    model.config.candidate_loss_weight = 1.0  # a candidate-trained model keeps its candidate head
+    model.config.candidate_ranking_head = "candidate"  # an explicit config field, not inferred from loss weights
     assert not model.ranks_candidates_with_catalog_head
 
 
@@ -280,7 +282,8 @@ def test_packed_dense_training_matches_padded_through_the_cli(tmp_path, monkeypa
 
     def recording_collate(self, rows):
         batch = collate(self, rows)
-        layouts_seen.add("packed" if "cu_seq_lens_q" in batch else "padded")
+        if "candidate_item_index" not in batch:  # training batches; validation batches are always padded
+            layouts_seen.add("packed" if "cu_seq_lens_q" in batch else "padded")
         return batch
 
     monkeypatch.setattr(SpeederDataCollator, "__call__", recording_collate)
@@ -294,7 +297,7 @@ def test_packed_dense_training_matches_padded_through_the_cli(tmp_path, monkeypa
     losses = {k: [e["loss"] for e in r["log_history"] if "loss" in e] for k, r in reports.items()}
     assert len(losses["packed"]) == 4
     assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-4)
-    assert reports["packed"]["test"]["catalog_head"]["ndcg@10"] == pytest.approx(
-        reports["padded"]["test"]["catalog_head"]["ndcg@10"], abs=1e-6)
+    assert reports["packed"]["test"]["ndcg@10"] == pytest.approx(reports["padded"]["test"]["ndcg@10"], abs=1e-6)
     with pytest.raises(ValueError, match="packed=True needs head='catalog-dense'"):
-        cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "bad"), "--steps", "1", "--packed"])
+        cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "bad"), "--steps", "1", "--packed",
+             "--head", "candidate"])

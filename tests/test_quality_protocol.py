@@ -1,0 +1,153 @@
+"""The quality protocol: training windows cover every training target and no validation or test target, model
+selection on validation (Speeder through the Trainer, SASRec by epoch), popularity and cold-item buckets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import HISTORIES, make_tiny
+from datasets import Dataset, DatasetDict
+
+from modeling_speeder.evaluation import (
+    bucketed,
+    exclude_history,
+    popularity_baseline,
+    popularity_bucket_names,
+    ranking_metrics,
+    target_ranks,
+    training_item_counts,
+    training_windows,
+)
+from modeling_speeder.recipes import dense_training_rows
+
+
+@pytest.mark.parametrize("length", [2, 3, 7, 20, 21, 50, 137])
+@pytest.mark.parametrize("max_length,stride", [(4, None), (5, 1), (6, 6), (20, None)])
+def test_training_windows_predict_every_target_exactly_once(length, max_length, stride):
+    sequence = list(range(100, 100 + length))
+    predicted = []
+    for window, first_labeled in training_windows(sequence, max_length, stride):
+        assert len(window) <= max_length + 1 and window == sequence[sequence.index(window[0]) : sequence.index(window[0]) + len(window)]
+        assert 0 <= first_labeled < len(window) - 1
+        predicted += window[first_labeled + 1 :]
+        if window[0] != sequence[0]:  # a later window: its labelled predictions see at least max_length - stride items
+            assert first_labeled >= max_length - (stride or max(1, max_length // 2))
+    assert predicted == sequence[1:], "each target once, in order"
+
+
+def _splits(sequences):
+    rows = {s: {"user_id": [], "history": [], "target": [], "candidates": []} for s in ("train", "validation", "test")}
+    for user, seq in sequences.items():
+        for split, cut in (("validation", len(seq) - 2), ("test", len(seq) - 1)):
+            for key, value in zip(rows[split], (user, seq[:cut], seq[cut], [seq[cut], "n1", "n2"])):
+                rows[split][key].append(value)
+    return DatasetDict({s: Dataset.from_dict(r) for s, r in rows.items()})
+
+
+def test_dense_rows_cover_long_histories_without_validation_or_test_targets():
+    # Item names carry their position, so a leaked validation (index n-2) or test (index n-1) target is visible.
+    sequences = {f"u{u}": [f"u{u}-pos{j}" for j in range(n)] for u, n in enumerate([3, 5, 60, 137])}
+    splits = _splits(sequences)
+    rows = dense_training_rows(splits, max_history=20)
+    covered = {u: [] for u in sequences}
+    for row in rows:
+        seq = sequences[row["user_id"]]
+        window = row["history"] + [row["target"]]
+        for item in window:
+            assert seq.index(item) < len(seq) - 2, f"{item} is a validation or test target"
+        covered[row["user_id"]] += window[row["first_labeled"] + 1 :]
+        assert len(row["history"]) <= 20
+    for user, seq in sequences.items():
+        assert covered[user] == seq[1:-2], "every training target of every user, once"
+    # The processor turns `first_labeled` into labels on exactly the predictions that count.
+    model, processor = make_tiny("llama")
+    inputs = processor(histories=[["item1", "item2", "item3", "item4"]], targets=["item5"], dense=True, dense_labels_from=[2])
+    labels = inputs["dense_catalog_labels"][0]
+    assert labels[labels >= 0].tolist() == [4, 5]
+    with pytest.raises(ValueError, match="dense_labels_from"):
+        processor(histories=HISTORIES, dense_labels_from=[0, 0, 0])
+
+
+def test_popularity_buckets_and_baseline_on_a_hand_made_example():
+    # Training sequences (validation histories): a x7, b x2, c x1, z x4. Validation targets x*, test targets y*.
+    sequences = {"u1": ["a", "b", "a", "a", "x1", "y1"], "u2": ["a", "c", "a", "a", "b", "x2", "y2"],
+                 "u3": ["a", "z", "z", "z", "z", "x3", "y3"]}
+    splits = _splits(sequences)
+    index = {item: row for row, item in enumerate(["a", "b", "c", "x1", "x2", "x3", "y1", "y2", "y3", "z", "n1", "n2"])}
+    counts = training_item_counts(splits, index)
+    assert counts[index["a"]] == 7 and counts[index["b"]] == 2 and counts[index["c"]] == 1 and counts[index["x1"]] == 0
+    assert counts[index["y1"]] == 0 and counts[index["z"]] == 4, "validation and test targets are not training data"
+    assert popularity_bucket_names([index["a"], index["b"], index["z"]], counts) == ["warm", "cold", "cold"]
+    scores = np.array([[3.0, 1.0], [1.0, 2.0], [0.0, 5.0]])
+    buckets = bucketed(scores, [0, 0, 1], ["warm", "cold", "cold"], order=["cold", "warm"])
+    assert list(buckets) == ["cold", "warm"] and buckets["warm"]["hr@1"] == 1.0 and buckets["cold"]["hr@1"] == 0.5
+    assert buckets["cold"]["users"] == 2
+    report = popularity_baseline(splits, index, splits["test"])
+    # Test candidates [target, n1, n2]: the targets y* were never trained on, so they tie with n1, n2 at 0 and lose.
+    assert report["hr@1"] == 0.0 and report["by_target_popularity"]["cold"]["users"] == 3
+
+
+def test_nan_scores_count_as_misses():
+    scores = np.array([[np.nan, np.nan, np.nan], [1.0, np.nan, 0.0]])
+    metrics = ranking_metrics(scores, [0, 0])
+    assert metrics["hr@1"] == 0.5 and metrics["nonfinite_scores"] == 4 and np.isfinite(metrics["mrr"])
+    ranks = target_ranks(torch.tensor([[float("nan"), 1.0, 2.0]]), torch.tensor([0]))
+    assert ranks.tolist() == [2]
+
+
+def test_exclude_history_keeps_the_target():
+    scores = torch.arange(6.0).expand(2, -1).clone()
+    exclude_history(scores, [[1, 2], [5]], keep=torch.tensor([2, 0]))
+    assert scores[0].tolist() == [0, float("-inf"), 2, 3, 4, 5] and scores[1, 5] == float("-inf")
+
+
+def test_speeder_is_selected_on_validation(tmp_path):
+    """The recipe evaluates the validation split every epoch through the Trainer, keeps the best checkpoint and serves
+    it: the saved model's validation NDCG@10 is the best one logged, not the last."""
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.conversion.datasets import load_canonical
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
+    # A learning rate high enough that validation quality moves around, so best and last differ in most runs.
+    report = train(model, processor, splits, tmp_path / "run", epochs=6, batch_size=4, learning_rate=3e-2, patience=0)
+    evaluations = [e for e in report["log_history"] if "eval_ndcg@10" in e]
+    assert len(evaluations) == 6, "one validation pass per epoch"
+    best = max(evaluations, key=lambda e: e["eval_ndcg@10"])
+    assert report["best_validation_ndcg@10"] == pytest.approx(best["eval_ndcg@10"])
+    assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert report["validation"]["ndcg@10"] == pytest.approx(best["eval_ndcg@10"], abs=1e-5)
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["test"]["by_target_popularity"] and saved["test"]["by_history_length"]
+    splits, *_ = load_canonical(tmp_path / "data")
+    assert set(saved["test"]) >= {"full_hr@10", "full_no_exclusion_hr@10", "users"}
+
+
+def test_speeder_stops_early_when_validation_stops_improving(tmp_path):
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
+    report = train(model, processor, splits, tmp_path / "run", epochs=40, batch_size=4, learning_rate=0.0,
+                   patience=2, mpo=False)  # no learning: validation never improves after the first evaluation
+    evaluations = [e for e in report["log_history"] if "eval_ndcg@10" in e]
+    assert len(evaluations) == 3 and report["epochs"] == pytest.approx(3, abs=0.01)
+
+
+def test_sasrec_keeps_its_best_validation_epoch():
+    from modeling_speeder.sasrec import evaluate_sasrec, train_sasrec
+
+    sequences = [[(s + j) % 30 for j in range(8)] for s in range(30)]
+    validation = ([seq[:-1] for seq in sequences], [seq[-1] for seq in sequences])
+    model = train_sasrec([seq[:-1] for seq in sequences], num_items=30, epochs=12, batch_size=16, lr=5e-2,
+                         hidden_size=16, max_length=5, dropout=0.0, validation=validation, patience=3)
+    record = model.training_record
+    scores = [e["validation_ndcg@10"] for e in record["epochs"]]
+    assert record["best_epoch"] == int(np.argmax(scores)) + 1
+    assert evaluate_sasrec(model, *validation)["full_ndcg@10"] == pytest.approx(max(scores))
+    assert len(scores) == 12 or len(scores) - record["best_epoch"] == 3, "stops after `patience` epochs without gain"
