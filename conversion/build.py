@@ -33,14 +33,19 @@ def build_speeder(
     item_titles: Sequence[str] | None = None,
     learned_id_dim: int = 0,
     processor_kwargs: dict | None = None,
+    seed: int = 0,
     **config_kwargs,
 ) -> tuple[SpeederForSequentialRecommendation, SpeederProcessor]:
     """Model and processor for a catalog: placeholder tokens added, embeddings resized, the item-token scale
     matched to the backbone's embeddings, the feature bank filled. Feature sizes are read from `features`.
 
     backbone: a decoder config (random weights) or a pretrained base/causal-LM model whose weights are copied.
+    seed: seeds the new weights (MRC experts, heads, a random backbone), so two builds are the same build.
     config_kwargs: any other SpeederConfig field (tokens_per_item, max_history, expert_hidden_size, ...).
     """
+    from transformers import set_seed
+
+    set_seed(seed)
     processor_kwargs = dict(processor_kwargs or {})
     for key in ("max_history", "tokens_per_item", "item_level_position_ids"):
         if key in config_kwargs:
@@ -48,7 +53,11 @@ def build_speeder(
     processor = SpeederProcessor(tokenizer, item_ids=item_ids, item_titles=item_titles, **processor_kwargs)
     pretrained = isinstance(backbone, PreTrainedModel)
     text_config = backbone.config if pretrained else backbone
-    text_config = text_config.__class__.from_dict(text_config.to_dict())  # a copy we may resize
+    # A copy we may resize. A quantization config describes how the source file was stored (GGUF, ...), not these
+    # weights, which are loaded dequantized: kept, it would make the Trainer refuse to train the checkpoint.
+    text_config = text_config.__class__.from_dict(
+        {k: v for k, v in text_config.to_dict().items() if k != "quantization_config"}
+    )
     if text_config.vocab_size < len(tokenizer):
         text_config.vocab_size = len(tokenizer)
     config = SpeederConfig(
@@ -62,6 +71,7 @@ def build_speeder(
         max_history=processor.max_history,
         tokens_per_item=processor.tokens_per_item,
         item_level_position_ids=processor.item_level_position_ids,
+        build_seed=seed,
         **{k: v for k, v in config_kwargs.items() if k not in ("max_history", "tokens_per_item", "item_level_position_ids")},
     )
     if pretrained:
@@ -76,6 +86,44 @@ def build_speeder(
     return model, processor
 
 
+
+
+def shrink_backbone(model: PreTrainedModel, tokenizer, texts: Sequence[str], num_layers: int | None = None):
+    """A pretrained decoder cut down to what Speeder's prompts use, for small devices and for carrying a checkpoint
+    where size is capped: a word-level vocabulary over `texts` (the prompt's words; items are soft tokens, so no
+    other text reaches the model), each word embedded as the mean of the backbone's sub-token embeddings of it, and
+    the first `num_layers` decoder layers. Returns (base model, word tokenizer). The result is a different, smaller
+    model than the original: report it as such."""
+    words = make_word_tokenizer(texts)
+    base = model.base_model if hasattr(model, "base_model") else model
+    source = base.get_input_embeddings().weight.detach()
+    specials = {"<pad>": tokenizer.pad_token_id, "<unk>": tokenizer.unk_token_id, "<s>": tokenizer.bos_token_id,
+                "</s>": tokenizer.eos_token_id}
+    rows = []
+    for word, _ in sorted(words.get_vocab().items(), key=lambda kv: kv[1]):
+        if word in specials:
+            ids = [specials[word] if specials[word] is not None else tokenizer.eos_token_id]
+        else:
+            ids = tokenizer(" " + word, add_special_tokens=False).input_ids
+        rows.append(source[ids].float().mean(0))
+    config = base.config.__class__.from_dict({k: v for k, v in base.config.to_dict().items() if k != "quantization_config"})
+    config.vocab_size = len(rows)
+    if num_layers is not None:
+        if not 1 <= num_layers <= config.num_hidden_layers:
+            raise ValueError(f"num_layers must be in 1..{config.num_hidden_layers}, got {num_layers}")
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+    from transformers import AutoModel
+
+    small = AutoModel.from_config(config)
+    state = {k: v for k, v in base.state_dict().items() if k in small.state_dict() and v.shape == small.state_dict()[k].shape}
+    state[next(k for k in small.state_dict() if k.endswith("embed_tokens.weight"))] = torch.stack(rows)
+    missing = set(small.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"Shrinking left weights without a source: {sorted(missing)[:5]}")
+    small.load_state_dict(state)
+    return small, words
 
 
 def smollm2_gguf_path() -> Path:
@@ -132,4 +180,12 @@ def load_backbone(spec: str, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
 
 
-__all__ = ["TINY_FAMILIES", "build_speeder", "load_backbone", "make_word_tokenizer", "smollm2_gguf_path", "tiny_config"]
+__all__ = [
+    "TINY_FAMILIES",
+    "build_speeder",
+    "load_backbone",
+    "make_word_tokenizer",
+    "shrink_backbone",
+    "smollm2_gguf_path",
+    "tiny_config",
+]

@@ -154,13 +154,16 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
     return run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
 
 
-def collaborative_features(train_sequences: Sequence[Sequence[int]], num_items: int, epochs: int = 30, seed: int = 0,
-                           **sasrec_kwargs):
-    """The `id` modality: item embeddings of a SASRec trained on the training split (catalog rows, oldest first).
-    Returns (features, presence, model); items never seen in training are absent."""
+def collaborative_features(train_sequences: Sequence[Sequence[int]], num_items: int, epochs: int = 200, seed: int = 0,
+                           model=None, validation=None, **sasrec_kwargs):
+    """The `id` modality: item embeddings of a SASRec trained on the training split (catalog rows, oldest first),
+    selected on `validation` = (histories, targets) when given; or of an already trained SASRec `model`.
+    Returns (features, presence, model); items never seen in training are absent (their embeddings never learned
+    anything but being a negative), so the MRC gate uses their text or image instead."""
     from ..sasrec import train_sasrec
 
-    model = train_sasrec(train_sequences, num_items, epochs=epochs, seed=seed, **sasrec_kwargs)
+    if model is None:
+        model = train_sasrec(train_sequences, num_items, epochs=epochs, seed=seed, validation=validation, **sasrec_kwargs)
     seen = torch.zeros(num_items, dtype=torch.bool)
     for seq in train_sequences:
         seen[list(seq)] = True

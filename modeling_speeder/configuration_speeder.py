@@ -50,6 +50,7 @@ class SpeederConfig(PreTrainedConfig):
     tokens_per_item: int = 1  # K soft tokens per item
     expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
     item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
+    item_dropout: float = 0.0  # dropout on the item tokens of the prompt while training (SASRec's embedding dropout)
     catalog_fingerprint: str | None = None  # hash of the processor's item ids, to catch a mismatched catalog
     # --- SPAE ---
     max_history: int = 20  # most recent items kept; recency index r = 0 (last) .. max_history - 1
@@ -61,12 +62,14 @@ class SpeederConfig(PreTrainedConfig):
     # --- heads and losses ---
     candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
     catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
+    catalog_item_bias: bool = False  # a learned per-item bias on catalog-head scores (popularity prior)
     # Which head ranks a candidate set: "candidate" (candidates in the prompt, the linear head on their last states)
     # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
     # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).
     candidate_ranking_head: str | None = None
     # --- MPO ---
     mpo_stages: list[dict] | None = None  # None = DEFAULT_MPO_STAGES; see SpeederMPOCallback
+    build_seed: int | None = None  # the seed `build_speeder` drew the new weights with (a rebuild is the same build)
     # --- versioning of the checkpoint layout ---
     speeder_format_version: int = 1
 
@@ -81,6 +84,8 @@ class SpeederConfig(PreTrainedConfig):
             raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
         if self.tokens_per_item < 1:
             raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
+        if not 0.0 <= self.item_dropout < 1.0:
+            raise ValueError(f"item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
         if self.speeder_format_version > 1:

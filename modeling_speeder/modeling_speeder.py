@@ -23,7 +23,9 @@ from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     and_masks,
     causal_mask_function,
+    or_masks,
     packed_sequence_mask_function,
+    padding_mask_function,
 )
 from transformers.utils import ModelOutput
 
@@ -43,6 +45,11 @@ def candidate_isolation_mask_function(segment_ids: torch.Tensor):
     return inner_mask
 
 
+def diagonal_mask_function(batch_idx, head_idx, q_idx, kv_idx):
+    """Mask rule: every token sees itself."""
+    return q_idx == kv_idx
+
+
 def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_window: int):
     """Sliding-window rule measured as if every candidate sat right after the query token.
 
@@ -59,7 +66,13 @@ def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_
 
 def replace_directory(new: Path, final: Path):
     """Make the finished folder `new` take the place of `final`. The old folder is moved aside first and removed
-    last, so at every moment one complete version exists (at `final`, or beside it while the two renames run)."""
+    last, so at every moment one complete version exists (at `final`, or beside it while the two renames run).
+    `new` (made private by mkdtemp) and its files get the permissions the user's umask gives new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)
+    for path in new.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     if final.exists():
         previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
         shutil.rmtree(previous, ignore_errors=True)
@@ -160,6 +173,25 @@ class SpeederPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """PreTrainedModel.from_pretrained, safetensors only (a pickle-based `.bin` is refused, never unpickled), and
+        refusing a folder that holds no Speeder config instead of building a default multi-billion-parameter
+        backbone."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Speeder loads safetensors weights only: use_safetensors=False is not supported")
+        kwargs["use_safetensors"] = True
+        config_file = Path(pretrained_model_name_or_path) / "config.json"
+        if kwargs.get("config") is None and Path(pretrained_model_name_or_path).is_dir():
+            if not config_file.exists():
+                raise OSError(f"{str(pretrained_model_name_or_path)!r} is not a Speeder checkpoint: it has no config.json")
+            import json
+
+            found = json.loads(config_file.read_text(encoding="utf-8"))
+            if found.get("model_type") != "speeder" or not found.get("text_config"):
+                raise ValueError(
+                    f"{config_file} is not a Speeder config (model_type {found.get('model_type')!r}"
+                    f"{', no text_config' if not found.get('text_config') else ''}): build a Speeder checkpoint from this "
+                    "backbone with `speeder build` (or conversion.build.build_speeder) first"
+                )
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as err:
@@ -196,6 +228,8 @@ class SpeederPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SpeederForSequentialRecommendation):
             # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
             init.ones_(module.modality_keep_prob)
+            if module.catalog_item_bias is not None:
+                init.zeros_(module.catalog_item_bias.weight)
             if module.recency_embedding is not None:
                 # Small, so a pretrained backbone first sees item tokens almost unperturbed.
                 init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
@@ -221,6 +255,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         )
         self.candidate_head = nn.Linear(hidden_size, 1)
         self.query_proj = nn.Linear(hidden_size, hidden_size)
+        # A module (not a bare parameter) so that PEFT's modules_to_save can train it next to LoRA adapters.
+        self.catalog_item_bias = nn.Embedding(config.num_items, 1) if config.catalog_item_bias else None
         # MPO: the probability that each modality is let through the gate for a training example (1 = on, 0 = off,
         # in between = ramping in). Not saved: the schedule lives in the config and the stage follows global_step.
         self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
@@ -291,6 +327,13 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             self.clear_item_cache()
         return super().train(mode)
 
+    def catalog_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
+        per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
+        tokens cannot)."""
+        scores = self.query_proj(hidden) @ self.item_representations().T
+        return scores if self.catalog_item_bias is None else scores + self.catalog_item_bias.weight[:, 0]
+
     def item_representations(self) -> torch.Tensor:
         """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
         if self._item_cache is not None and not self.training:
@@ -305,17 +348,16 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         example_of_token: (B, T) the example each token belongs to (its row, or its sequence in a packed row)."""
         k, n_items = self.config.tokens_per_item, self.config.num_items
         is_item = item_token_index >= 0  # (B, T)
-        is_placeholder = input_ids == self.config.item_token_id
-        if not torch.equal(is_item, is_placeholder):
-            raise ValueError(
-                f"{int(is_placeholder.sum())} item placeholder tokens (id {self.config.item_token_id}) but "
-                f"{int(is_item.sum())} item indices: input_ids and item_token_index must come from the same processor call"
-            )
-        if is_item.any() and int(item_token_index.max()) >= n_items * k:
-            raise ValueError(
-                f"item index {int(item_token_index.max()) // k} is outside this checkpoint's catalog of {n_items} items: "
-                "the processor's catalog does not match the model"
-            )
+        # The processor validates ids and layout on the host; these device-side asserts only catch inputs from another
+        # processor, without synchronising with the device (torch.compile and CUDA graphs need none).
+        torch._assert_async(
+            (is_item == (input_ids == self.config.item_token_id)).all(),
+            "item placeholder tokens and item_token_index disagree: pass the output of one processor call",
+        )
+        torch._assert_async(
+            (item_token_index < n_items * k).all(),
+            f"an item index is outside this checkpoint's catalog of {n_items} items: the processor does not match the model",
+        )
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
         flat_index = item_token_index[is_item]  # (n_occ * K,) = item * K + k, K consecutive tokens per occurrence
         if self._item_cache is not None and not self.training and modality_mask is None:
@@ -323,16 +365,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         else:
             starts = flat_index[::k]  # one row per item occurrence
             active = self.active_modalities
-            ramping = (self.modality_keep_prob > 0) & (self.modality_keep_prob < 1)
-            if modality_mask is None and self.training and bool(ramping.any()):
-                # A modality ramping in is let through for a share of the examples that rises to 1 (MPO).
-                num_examples = int(example_of_token.max()) + 1
-                modality_mask = torch.rand(num_examples, len(ramping), device=input_ids.device) < self.modality_keep_prob
-            if modality_mask is not None:  # per-example MPO ramp: (num_examples, M)
+            if modality_mask is not None:  # per-example MPO ramp, drawn by the data collator: (num_examples, M)
                 active = active & modality_mask[example_of_token[is_item][::k]]
             item_vectors = self.mrc(starts // k, active)[0].flatten(0, 1)  # (n_occ * K, H)
         if self.recency_embedding is not None:
             item_vectors = item_vectors + self.recency_embedding(recency_index[is_item])
+        item_vectors = F.dropout(item_vectors, self.config.item_dropout, self.training)
         return embeds.masked_scatter(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype))
 
     def _attention_masks(self, embeds, attention_mask, rule, virtual_index):
@@ -351,13 +389,22 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         build = ALL_MASK_ATTENTION_FUNCTIONS[text_config._attn_implementation]
         batch_size, seq_len = embeds.shape[:2]
         masks = {}
+        padding = padding_mask_function(attention_mask.bool())
         for kind in set(kinds):
             kind_rule = rule
             if kind == "sliding_attention":
                 kind_rule = and_masks(rule, candidate_sliding_window_mask_function(virtual_index, text_config.sliding_window))
+            # A padding query sees itself: a fully masked row is NaN in some SDPA kernels (cuDNN under bf16 autocast),
+            # and those NaN values then reach real rows through 0 * NaN in the next layer. Flex attention returns 0
+            # for such rows, and Inductor's CPU flex template fails to compile padding inside the rule, so flex gets
+            # the padding through the builder as before.
+            flex = text_config._attn_implementation == "flex_attention"
+            rule_with_padding = and_masks(causal_mask_function, kind_rule)
+            if not flex:
+                rule_with_padding = or_masks(and_masks(rule_with_padding, padding), diagonal_mask_function)
             masks[kind] = build(
                 batch_size=batch_size, q_length=seq_len, kv_length=seq_len, q_offset=0, kv_offset=0,
-                mask_function=and_masks(causal_mask_function, kind_rule), attention_mask=attention_mask.bool(),
+                mask_function=rule_with_padding, attention_mask=attention_mask.bool() if flex else None,
                 allow_is_causal_skip=False, dtype=embeds.dtype, config=text_config, use_vmap=False, device=embeds.device,
             )
         return masks if layer_types is not None else masks[kinds[0]]
@@ -472,7 +519,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             if dense_catalog_labels is not None:
                 # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
                 keep = dense_catalog_labels >= 0
-                dense_scores = self.query_proj(last[keep]) @ self.item_representations().T  # (n_prefixes, N)
+                dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
                 dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
             query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
             if in_prompt:
@@ -482,7 +529,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         by_catalog_head = candidate_item_index is not None and not in_prompt
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         if return_catalog_scores or by_catalog_head or wants_catalog_loss:
-            catalog_scores = self.query_proj(query_hidden) @ self.item_representations().T  # (B, N)
+            catalog_scores = self.catalog_logits(query_hidden)  # (B, N)
         candidate_scores = None
         if in_prompt:
             candidate_scores = self.candidate_head(cand_hidden).squeeze(-1)  # (B, C)
@@ -583,10 +630,17 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
             if not self.name_or_path:
                 raise ValueError("recommend() needs a processor: pass processor=..., or load the model from a saved folder")
-            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=self.is_custom_code())
+            # With this package installed nothing from the checkpoint folder runs. Only a model that was itself loaded
+            # as remote code (the user trusted this checkpoint to get it) loads its processor the same way.
+            loaded_as_remote_code = type(self).__module__.startswith("transformers_modules")
+            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=loaded_as_remote_code)
         self.check_catalog(processor)
         if isinstance(histories, str) or (len(histories) and isinstance(histories[0], str)):
             raise ValueError("histories must be a list of histories (each a list of item ids)")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if candidates is not None and len(candidates) != len(histories):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(histories)} histories")
         self.eval()
         if self._item_cache is None:
             self.cache_item_tokens()
@@ -606,20 +660,24 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 if exclude_history:
                     exclude = [[processor.item_index(i) for i in h] for h in hist]
                 scores, rows = self._catalog_topk(out.query_hidden_state, top_k, exclude, chunk_size)
-            results += [
-                {"item_ids": processor.item_ids_of(r.tolist()), "scores": s.tolist()} for r, s in zip(rows, scores)
-            ]
+            for r, sc in zip(rows.tolist(), scores.tolist()):
+                # Excluded history items score -inf: when top_k exceeds what is left, fewer items come back.
+                kept = [j for j, value in enumerate(sc) if value != float("-inf")]
+                results.append({"item_ids": processor.item_ids_of([r[j] for j in kept]), "scores": [sc[j] for j in kept]})
         return results
 
     def _catalog_topk(self, query_hidden, top_k, exclude, chunk_size):
         """Top-k over the catalog in chunks, so extra memory stays O(B * chunk_size) whatever the catalog size."""
         query = self.query_proj(query_hidden)  # (B, H)
         items = self.item_representations()  # (N, H)
+        bias = None if self.catalog_item_bias is None else self.catalog_item_bias.weight[:, 0]
         top_k = min(top_k, self.config.num_items)
         best_scores = query.new_full((query.shape[0], 0), float("-inf"))
         best_rows = torch.zeros(query.shape[0], 0, dtype=torch.long, device=query.device)
         for start in range(0, items.shape[0], chunk_size):
             scores = query @ items[start : start + chunk_size].T  # (B, chunk)
+            if bias is not None:
+                scores = scores + bias[start : start + chunk_size]
             if exclude is not None:
                 for b, rows in enumerate(exclude):
                     local = [r - start for r in rows if start <= r < start + scores.shape[1]]

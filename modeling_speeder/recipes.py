@@ -17,7 +17,7 @@ from .conversion.datasets import (
     movielens_100k_path,
     write_canonical,
 )
-from .conversion.features import encode_texts
+from .conversion.features import collaborative_features, encode_texts
 from .processing.collator import SpeederDataCollator
 from .evaluation import (
     exclude_history,
@@ -28,7 +28,7 @@ from .evaluation import (
     training_item_counts,
     training_windows,
 )
-from .training import SpeederMPOCallback, compute_metrics
+from .training import SpeederMPOCallback, StopOnNonFiniteLoss, compute_metrics
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +76,22 @@ def prepare_dataset(name: str, output: Path) -> dict:
     return stats
 
 
-def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, id_features=None,
-                      **config_kwargs):
+def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, sasrec=None, **config_kwargs):
     """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given.
-    id_features: (N, d) collaborative item embeddings (the package's SASRec trained on the training split) for the
-    `id` modality; without them a learned id table of `learned_id_dim` plays that role."""
+    sasrec: a SASRec trained on the training split, whose item embeddings become the `id` modality (present for items
+    seen in training, and for items with no other feature); without it a learned id table of `learned_id_dim` plays
+    that role."""
     splits, items, features, presence = load_canonical(data_dir)
-    if id_features is not None:
-        features, learned_id_dim = {**features, "id": torch.as_tensor(id_features, dtype=torch.float32)}, 0
+    config_kwargs.setdefault("item_dropout", 0.2)  # as SASRec's embedding dropout: without it the small model overfits
+    config_kwargs.setdefault("catalog_item_bias", True)  # popularity prior of the catalog head (BENCHMARKS: recipe)
+    if sasrec is not None:
+        index = {item: row for row, item in enumerate(items["item_id"])}
+        train_sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]
+        features["id"], presence["id"], _ = collaborative_features(train_sequences, len(index), model=sasrec)
+        others = [presence.get(m, torch.ones(len(index), dtype=torch.bool)) for m in features if m != "id"]
+        has_other = torch.stack(others).any(0) if others else torch.zeros(len(index), dtype=torch.bool)
+        presence["id"] = presence["id"] | ~has_other  # an item needs one modality: its (untrained) id then
+        learned_id_dim = 0
     if backbone is None:
         backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer
     model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
@@ -96,7 +104,7 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                        modules_to_save=["mrc", "recency_embedding", "candidate_head", "query_proj"])
+                        modules_to_save=["mrc", "recency_embedding", "candidate_head", "query_proj", "catalog_item_bias"])
     return get_peft_model(model, config)
 
 
@@ -115,13 +123,14 @@ def dense_training_rows(splits, max_history: int, stride: int | None = None):
     return Dataset.from_dict(rows)
 
 
-HEADS = ("catalog-dense", "candidate")
+HEADS = ("catalog-dense", "candidate", "dense+candidate")
 
 
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
           learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
-          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, **training_kwargs):
+          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
+          **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
     The validation split's stored candidates are scored every epoch (`compute_metrics`; `selection_rows` users, all by
@@ -132,7 +141,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     head: "catalog-dense" (default; the catalog head, full softmax, every training target of every user once per
     epoch through overlapping windows, one causal pass per window; the model then ranks candidate sets with the
     catalog head too) or "candidate" (cross-entropy over the target and 19 fresh negatives in the prompt, one training
-    prefix per example).
+    prefix per example), or "dense+candidate" (catalog-dense, then `candidate_epochs` of the candidate head with the
+    catalog loss kept on).
     mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
     packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
     kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves)."""
@@ -141,6 +151,21 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     output = Path(output)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if head == "dense+candidate":
+        # Dense catalog pre-training on every target, then the candidate head learns on top with the catalog loss kept
+        # on (joint), both stages selected on validation; the model then ranks candidate sets with the candidate head.
+        common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
+                      selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
+                      warmup_ratio=warmup_ratio, **training_kwargs)
+        dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
+                             patience=patience, mpo=mpo, head="catalog-dense", **common)
+        model.config.candidate_loss_weight, model.config.catalog_loss_weight = 1.0, 1.0
+        report = train(model, processor, splits, output, epochs=candidate_epochs, patience=1, mpo=False, head="candidate",
+                       **common)
+        report.update(head=head, dense_stage={k: v for k, v in dense_report.items() if k not in ("log_history",)},
+                      train_seconds=round(report["train_seconds"] + dense_report["train_seconds"], 1))
+        write_report(Path(output), report)
+        return report
     dense = head == "catalog-dense"
     if packed and not dense:
         raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
@@ -157,7 +182,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     eval_every = save_steps or (max(1, max_steps // 4) if fixed_budget else steps_per_epoch)
     if lora_r:
         model = apply_lora(model, lora_r)
-    args = TrainingArguments(
+    defaults = dict(
         output_dir=str(output / "trainer"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=256,
         max_steps=max_steps if fixed_budget else -1, num_train_epochs=epochs, learning_rate=learning_rate,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=max(1, min(eval_every, steps_per_epoch) // 4),
@@ -165,7 +190,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         load_best_model_at_end=True, metric_for_best_model="ndcg@10", greater_is_better=True,
         remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=seed,
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, **training_kwargs,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the logs (and StopOnNonFiniteLoss), not be averaged away
     )
     stages = None
     if mpo and not fixed_budget:
@@ -173,11 +199,18 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         for stage in stages[:-1]:
             stage["steps"] = max(1, round(mpo_stage_epochs * steps_per_epoch))
     mpo_callback = SpeederMPOCallback(stages) if mpo else None
-    callbacks = ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
+    if mpo:
+        # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
+        # trained before a modality was switched on must not win.
+        total = max_steps if fixed_budget else int(epochs * steps_per_epoch)
+        defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
+    args = TrainingArguments(**{**defaults, **training_kwargs})  # any TrainingArguments field may be overridden
+    divergence = StopOnNonFiniteLoss()
+    callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
     trainer = Trainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=select(splits["validation"], selection_rows),
-        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed,
-                                          candidates_in_prompt=not dense),
+        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
+                                          modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )
     checkpoint = None
@@ -201,6 +234,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "best_validation_ndcg@10": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
+              "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}
     if args.process_index == 0:
         counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})

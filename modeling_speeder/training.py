@@ -18,7 +18,7 @@ PARAMETER_GROUPS = {
     "experts": ("mrc.experts.", "mrc.id_embedding"),
     "gate": ("mrc.gate.", "mrc.token_gain"),
     "spae": ("recency_embedding",),
-    "heads": ("candidate_head", "query_proj"),
+    "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
     "backbone": ("backbone.",),
 }
 
@@ -33,6 +33,21 @@ def compute_metrics(eval_pred) -> dict:
 def _unwrap(model):
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return model.module if hasattr(model, "module") else model
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops training at the first logged NaN or infinite loss: a diverged model must never go on to be evaluated
+    as if it had trained (NaN scores would otherwise surface only as an implausible report)."""
+
+    def __init__(self):
+        self.diverged_at = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self.diverged_at = state.global_step
+            logger.error("Training loss is %s at step %d: stopping (lower the learning rate)", loss, state.global_step)
+            control.should_training_stop = True
 
 
 class SpeederMPOCallback(TrainerCallback):
@@ -51,6 +66,7 @@ class SpeederMPOCallback(TrainerCallback):
         self.transitions = []  # (global_step, stage index) each time the stage changes
         self._trainable = None
         self._plan = None  # (max_steps, stages): the plan, computed (and its warnings logged) once per run
+        self._keep = None  # (M,) keep probabilities of the current step, read by the data collator
 
     def plan(self, model, max_steps: int) -> list[dict]:
         """The stages kept for this model, each with absolute `start` and `end` steps."""
@@ -86,6 +102,7 @@ class SpeederMPOCallback(TrainerCallback):
         ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
         speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) for m in stage["modalities"]})
+        self._keep = speeder.modality_keep_prob.detach().cpu().clone()
         if self.current != stage["index"]:
             self.current = stage["index"]
             self.transitions.append((step, stage["index"]))
@@ -101,11 +118,9 @@ class SpeederMPOCallback(TrainerCallback):
         self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self._apply(model, state.global_step, state.max_steps)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        # With load_best_model_at_end the weights are the best checkpoint's: serve them with its stage's modalities.
-        if state.best_model_checkpoint and model is not None:
-            best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
-            self._apply(model, max(0, best_step - 1), state.max_steps)
+    def keep_probabilities(self):
+        """(M,) the current stage's keep probability per modality, for the data collator's per-example ramp masks."""
+        return self._keep
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._apply(model, state.global_step, state.max_steps)
@@ -117,4 +132,11 @@ class SpeederMPOCallback(TrainerCallback):
                 state.log_history[-1]["mpo_stage"] = self.current
 
 
-__all__ = ["EVALUATE_MODULE", "PARAMETER_GROUPS", "SpeederMPOCallback", "compute_metrics", "ranking_metrics"]
+__all__ = [
+    "EVALUATE_MODULE",
+    "PARAMETER_GROUPS",
+    "SpeederMPOCallback",
+    "StopOnNonFiniteLoss",
+    "compute_metrics",
+    "ranking_metrics",
+]

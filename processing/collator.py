@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .processing_speeder import SpeederProcessor
 
@@ -20,6 +21,9 @@ class SpeederDataCollator:
     dense: bool = False  # catalog head, every prefix in one pass: no candidates, `dense_catalog_labels` instead
     packed: bool = False  # with dense: padding-free rows with explicit boundaries (FlashAttention varlen, flex)
     candidates_in_prompt: bool = True  # False for models that rank stored candidates with the catalog head
+    # MPO ramps: a callable giving the current per-modality keep probabilities (M,) (SpeederMPOCallback.keep_probabilities);
+    # training batches then carry a `modality_mask` (one row per example) drawn here, so the model draws nothing.
+    modality_keep_probabilities: object = None
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -51,11 +55,17 @@ class SpeederDataCollator:
                                   targets=[r["target"] for r in rows], candidates_in_prompt=self.candidates_in_prompt)
         if self.dense:
             first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
-            return self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
-                                  packed=self.packed, dense_labels_from=first)
-        candidates = [self._draw_candidates(r["history"], r["target"]) for r in rows]
-        return self.processor(histories=[r["history"] for r in rows], candidates=candidates,
-                              targets=[r["target"] for r in rows])
+            batch = self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
+                                   packed=self.packed, dense_labels_from=first)
+        else:
+            candidates = [self._draw_candidates(r["history"], r["target"]) for r in rows]
+            batch = self.processor(histories=[r["history"] for r in rows], candidates=candidates,
+                                   targets=[r["target"] for r in rows])
+        keep = None if self.modality_keep_probabilities is None else self.modality_keep_probabilities()
+        if keep is not None and ((keep > 0) & (keep < 1)).any():
+            # A modality ramping in is let through for a share of the examples that rises to 1 (MPO).
+            batch["modality_mask"] = torch.from_numpy(self._rng.random((len(rows), len(keep))) < keep.numpy())
+        return batch
 
 
 __all__ = ["SpeederDataCollator"]

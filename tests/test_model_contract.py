@@ -1,5 +1,6 @@
 """Contract tests run on every backbone family: the same guarantees whatever the LLM underneath."""
 
+import pytest
 import torch
 
 from conftest import CANDIDATES, HISTORIES, TARGETS, make_tiny
@@ -125,3 +126,15 @@ def test_sliding_window_without_layer_types_keeps_candidates_a_set():
         cached = model(**inputs, candidate_scoring="prefix_cache").candidate_scores
     torch.testing.assert_close(permuted, scores[:, perm], rtol=0, atol=1e-5)
     torch.testing.assert_close(cached, scores, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_padding_rows_stay_finite_with_candidates(impl):
+    """Left-padding queries must not be fully masked under the candidate-isolation mask: some SDPA kernels (cuDNN
+    under bf16 autocast on GPU) return NaN for such rows, and the NaN then reaches real rows in the next layer."""
+    model, processor = make_tiny("llama", attn_implementation=impl)
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be padded for this test to mean anything"
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    assert all(torch.isfinite(h).all() for h in out.hidden_states)

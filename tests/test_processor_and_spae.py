@@ -133,7 +133,7 @@ def test_catalog_mismatch_errors():
     with pytest.raises(ValueError, match="differs from this checkpoint"):
         model.recommend([["item1"]], processor=reordered)
     bigger = SpeederProcessor(proc.tokenizer, item_ids=ITEM_IDS + ["extra"])
-    with pytest.raises(ValueError, match="outside this checkpoint's catalog"):
+    with pytest.raises(RuntimeError, match="outside this checkpoint's catalog"):
         model(**bigger(histories=[["extra"]]))
 
 
@@ -141,7 +141,7 @@ def test_placeholder_count_checked():
     model, proc = make_tiny("llama")
     inputs = proc(histories=[["item1", "item2"]], candidates=[["item3", "item4"]])
     inputs["item_token_index"][0, -1] = -1
-    with pytest.raises(ValueError, match="item placeholder tokens"):
+    with pytest.raises(RuntimeError, match="item placeholder tokens"):
         model(**inputs)
 
 

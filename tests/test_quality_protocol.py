@@ -115,7 +115,10 @@ def test_speeder_is_selected_on_validation(tmp_path):
     # A learning rate high enough that validation quality moves around, so best and last differ in most runs.
     report = train(model, processor, splits, tmp_path / "run", epochs=6, batch_size=4, learning_rate=3e-2, patience=0)
     evaluations = [e for e in report["log_history"] if "eval_ndcg@10" in e]
-    assert len(evaluations) == 6, "one validation pass per epoch"
+    # text + id features: the image stage is skipped, so the last stage starts after epoch 1.
+    assert len(evaluations) == 5, "one validation pass per epoch of the last MPO stage (epochs 2 to 6)"
+    last_stage_start = report["mpo_transitions"][-1][0]
+    assert all(e["step"] > last_stage_start for e in evaluations), "only checkpoints that saw every modality compete"
     best = max(evaluations, key=lambda e: e["eval_ndcg@10"])
     assert report["best_validation_ndcg@10"] == pytest.approx(best["eval_ndcg@10"])
     assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
@@ -151,3 +154,19 @@ def test_sasrec_keeps_its_best_validation_epoch():
     assert record["best_epoch"] == int(np.argmax(scores)) + 1
     assert evaluate_sasrec(model, *validation)["full_ndcg@10"] == pytest.approx(max(scores))
     assert len(scores) == 12 or len(scores) - record["best_epoch"] == 3, "stops after `patience` epochs without gain"
+
+
+def test_dense_then_candidate_trains_both_heads_and_ranks_with_the_candidate_head(tmp_path):
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
+    report = train(model, processor, splits, tmp_path / "run", epochs=2, candidate_epochs=1, batch_size=8, patience=0,
+                   head="dense+candidate")
+    assert report["head"] == "dense+candidate" and report["test"]["head"] == "candidate"
+    assert report["dense_stage"]["test"]["head"] == "catalog" and "catalog_head" in report["test"]
+    assert model.config.candidate_loss_weight == 1.0 and model.config.catalog_loss_weight == 1.0
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["candidate_ranking_head"] == "candidate"

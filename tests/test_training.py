@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import CANDIDATES, HISTORIES, ITEM_IDS, make_tiny
+from conftest import CANDIDATES, HISTORIES, ITEM_IDS, TARGETS, make_tiny
 from modeling_speeder.processing.collator import SpeederDataCollator
 from modeling_speeder.training import SpeederMPOCallback, compute_metrics, ranking_metrics
 
@@ -204,7 +204,7 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
     tiny_dataset(tmp_path / "data")
     (tmp_path / "train.yaml").write_text(
         f"data: {tmp_path / 'data'}\noutput: {tmp_path / 'run'}\nsteps: 6\nbatch-size: 4\nlora-r: 2\n"
-        "expert-hidden-size: 16\nlearned-id-dim: 8\nno-recency: true\n")
+        "expert-hidden-size: 16\nlearned-id-dim: 8\nno-recency: true\npatience: 0\n")
     cli(["train", "--config", str(tmp_path / "train.yaml")])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 6 and (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
@@ -301,3 +301,21 @@ def test_packed_dense_training_matches_padded_through_the_cli(tmp_path, monkeypa
     with pytest.raises(ValueError, match="packed=True needs head='catalog-dense'"):
         cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "bad"), "--steps", "1", "--packed",
              "--head", "candidate"])
+
+
+def test_mpo_ramp_mask_is_drawn_by_the_collator_not_the_model():
+    """The forward draws no random numbers (compile / CUDA graphs); during a ramp the collator draws one modality mask
+    row per example from the callback's current keep probabilities."""
+    model, processor = make_tiny("llama")
+    model.set_active_modalities({"text": 1.0, "image": 0.5, "id": 1.0})
+    model.train()
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).candidate_scores, model(**inputs).candidate_scores, rtol=0, atol=0)
+    keep = model.modality_keep_prob.clone()
+    rows = [{"history": h, "target": t, "candidates": []} for h, t in zip(HISTORIES * 100, TARGETS * 100)]
+    batch = SpeederDataCollator(processor, num_negatives=3, modality_keep_probabilities=lambda: keep)(rows)
+    mask = batch["modality_mask"]
+    assert mask.shape == (300, 3) and mask[:, 0].all() and mask[:, 2].all() and 0.35 < mask[:, 1].float().mean() < 0.65
+    assert "modality_mask" not in SpeederDataCollator(processor, num_negatives=3,
+                                                      modality_keep_probabilities=lambda: torch.ones(3))(rows[:3])

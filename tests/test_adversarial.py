@@ -1,0 +1,108 @@
+"""Adversarial inputs (reliability issue): no code runs from a checkpoint unasked, pickles are refused, a folder that
+is not a Speeder checkpoint fails before allocating anything, a diverged model never looks perfect, top_k and
+candidate arguments are validated."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CANDIDATES, HISTORIES, make_tiny
+from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+
+def _saved(tmp_path, **kwargs):
+    model, processor = make_tiny("llama", **kwargs)
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    return model, processor, tmp_path / "ckpt"
+
+
+def test_recommend_never_runs_code_from_the_checkpoint(tmp_path):
+    model, processor, ckpt = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    (ckpt / "evil_tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass T: pass\n")
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        path = ckpt / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            config["auto_map"] = {**config.get("auto_map", {}), "AutoTokenizer": [None, "evil_tok.T"]}
+            path.write_text(json.dumps(config))
+    loaded = AutoModel.from_pretrained(ckpt)
+    try:
+        loaded.recommend(HISTORIES, top_k=3)
+    except Exception:  # refusing the tampered tokenizer is fine; running its code is not
+        pass
+    assert not marker.exists(), "code from the checkpoint folder ran with the package installed and no trust flag"
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    model, _, ckpt = _saved(tmp_path)
+    weights = next(ckpt.glob("*.safetensors"))
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises((OSError, ValueError), match="safetensors|model.safetensors"):
+        AutoModel.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        AutoModel.from_pretrained(ckpt, use_safetensors=False)
+
+
+def test_a_folder_that_is_not_a_speeder_checkpoint_fails_before_allocating(tmp_path):
+    from modeling_speeder import SpeederForSequentialRecommendation
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       vocab_size=32))
+    llm.save_pretrained(tmp_path / "llm")
+    with pytest.raises(ValueError, match="not a Speeder config .model_type 'llama'"):
+        SpeederForSequentialRecommendation.from_pretrained(tmp_path / "llm")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="has no config.json"):
+        SpeederForSequentialRecommendation.from_pretrained(tmp_path / "empty")
+    _, _, ckpt = _saved(tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["text_config"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no text_config"):
+        SpeederForSequentialRecommendation.from_pretrained(ckpt)
+
+
+def test_top_k_beyond_the_unseen_catalog_returns_fewer_items():
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0)
+    history = [f"item{i}" for i in range(35)]
+    ranked = model.recommend([history], top_k=40, processor=processor)[0]
+    assert len(ranked["item_ids"]) == 5 and not set(history) & set(ranked["item_ids"])
+    assert all(np.isfinite(ranked["scores"]))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k must be a positive integer"):
+            model.recommend(HISTORIES, top_k=bad, processor=processor)
+    with pytest.raises(ValueError, match="2 candidate lists for 3 histories"):
+        model.recommend(HISTORIES, candidates=CANDIDATES[:2], processor=processor)
+
+
+def test_catalog_item_bias_is_in_every_catalog_score():
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0, catalog_item_bias=True)
+    with torch.no_grad():
+        model.catalog_item_bias.weight.copy_(torch.linspace(-3, 3, 40)[:, None])
+        out = model(**processor(histories=HISTORIES), return_catalog_scores=True)
+        expected = model.query_proj(out.query_hidden_state) @ model.item_representations().T + torch.linspace(-3, 3, 40)
+        torch.testing.assert_close(out.catalog_scores, expected)
+    ranked = model.recommend(HISTORIES, top_k=5, processor=processor, chunk_size=7, exclude_history=False)
+    for result, row in zip(ranked, out.catalog_scores):
+        torch.testing.assert_close(torch.tensor(result["scores"]), row.topk(5).values)
+
+
+def test_a_diverged_run_stops_and_never_reports_perfect_metrics(tmp_path):
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
+    with torch.no_grad():  # a diverged model: every weight of the backbone is NaN
+        for p in model.backbone.parameters():
+            p.fill_(float("nan"))
+    report = train(model, processor, splits, tmp_path / "run", max_steps=6, save_steps=2, batch_size=4, patience=0,
+                   logging_steps=1)
+    assert report["diverged_at_step"] is not None and report["steps"] < 6, "training stops at a non-finite loss"
+    assert report["test"]["hr@1"] < 0.5 and np.isfinite(report["test"]["mrr"])
+    assert report["test"]["nonfinite_scores"] > 0, "the report flags the non-finite scores"
