@@ -1,6 +1,7 @@
 """Ablations of Speeder on one dataset, each row a real `speeder train` run with the same budget and seed.
 
-Usage: python bench/ablation.py DATA_DIR OUTPUT_DIR [--steps 600] [--set components|heads]
+Usage: python bench/ablation.py DATA_DIR OUTPUT_DIR [--steps N] [--set components|heads]
+Without --steps every run trains by the default recipe: epochs until validation NDCG@10 stops improving.
 DATA_DIR is a canonical dataset folder with text, image and id features (`speeder convert` + `speeder features`).
 `components` ablates MPO, SPAE and modalities; `heads` compares the candidate head with the catalog head trained
 densely (every prefix of 32 users per step), each scored on the 20-candidate protocol by the head it trained and
@@ -21,10 +22,13 @@ COMPONENTS = {
     "without item-level position ids": ["--no-item-positions"],
     "text only": ["--modalities", "text"],
     "text + image": ["--modalities", "text,image"],
+    "without the per-item catalog bias": ["--no-item-bias"],
+    "without item-token dropout": ["--item-dropout", "0"],
 }
 HEADS = {
-    "candidate head (20-candidate cross-entropy, one prefix per example)": [],
+    "candidate head (20-candidate cross-entropy, one prefix per example)": ["--head", "candidate"],
     "catalog head, dense (full softmax, every prefix of each user)": ["--head", "catalog-dense"],
+    "dense, then candidate head (joint candidate + catalog loss)": ["--head", "dense+candidate"],
 }
 
 
@@ -32,7 +36,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("data")
     parser.add_argument("output")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=None, help="a fixed budget instead of the default recipe")
     parser.add_argument("--set", default="components", choices=["components", "heads"])
     args = parser.parse_args()
     rows = COMPONENTS if args.set == "components" else HEADS
@@ -41,7 +45,7 @@ def main():
         out = Path(args.output) / f"run{i}"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "modeling_speeder", "train", "--data", args.data, "--output", str(out),
-                        "--steps", str(args.steps), *flags], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        *(["--steps", str(args.steps)] if args.steps else []), *flags], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = json.loads((out / "report.json").read_text())
         test = report["test"]  # ranked by the head the run trained
         results[name] = {"flags": flags, "seconds": round(time.perf_counter() - start, 1),

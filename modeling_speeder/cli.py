@@ -73,7 +73,8 @@ def demo(args):
     splits, items, _, _ = load_canonical(output / "data")
     set_seed(args.seed)
     sasrec, sasrec_model = recipes.sasrec_baseline(splits, items["item_id"], epochs=args.sasrec_epochs,
-                                                   eval_rows=args.eval_rows, seed=args.seed)
+                                                   eval_rows=args.eval_rows, seed=args.seed,
+                                                   selection_rows=args.selection_rows)
     print(f"SASRec: best epoch {sasrec['training']['best_epoch']} of {len(sasrec['training']['epochs'])}, "
           f"{sasrec['train_seconds']}s")
     print("[3/4] building a small Speeder and training it with transformers.Trainer through the MPO stages, "

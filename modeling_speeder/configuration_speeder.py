@@ -51,6 +51,9 @@ class SpeederConfig(PreTrainedConfig):
     expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
     item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
     item_dropout: float = 0.0  # dropout on the item tokens of the prompt while training (SASRec's embedding dropout)
+    # How an expert normalises its input: "item" (LayerNorm per item) or "catalog" (the catalog's mean and scale,
+    # computed when the feature bank is set, so per-item magnitudes survive).
+    feature_normalization: str = "item"
     catalog_fingerprint: str | None = None  # hash of the processor's item ids, to catch a mismatched catalog
     # --- SPAE ---
     max_history: int = 20  # most recent items kept; recency index r = 0 (last) .. max_history - 1
@@ -84,6 +87,8 @@ class SpeederConfig(PreTrainedConfig):
             raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
         if self.tokens_per_item < 1:
             raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
+        if self.feature_normalization not in ("item", "catalog"):
+            raise ValueError(f"feature_normalization must be 'item' or 'catalog', got {self.feature_normalization!r}")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ValueError(f"item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.max_history < 1:

@@ -131,8 +131,21 @@ class SpeederModalityExperts(nn.Module):
             if m == "id" and config.learned_id_dim:
                 continue
             self.register_buffer(f"features_{m}", torch.zeros(config.num_items, dims[m]))
+            if config.feature_normalization == "catalog":  # filled by set_item_features
+                self.register_buffer(f"feature_shift_{m}", torch.zeros(dims[m]))
+                self.register_buffer(f"feature_scale_{m}", torch.ones(1))
         self.id_embedding = nn.Embedding(config.num_items, config.learned_id_dim) if config.learned_id_dim else None
         self.register_buffer("presence", torch.ones(config.num_items, len(self.modalities), dtype=torch.bool))
+
+    def normalize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Per-item LayerNorm, or (feature_normalization="catalog") standardisation with the catalog's statistics and
+        the LayerNorm's affine: an item's feature magnitude survives (for SASRec embeddings, how much training the
+        item got, which per-item normalisation turns into amplified noise for rare items)."""
+        norm = self.experts[modality][0]
+        shift = getattr(self, f"feature_shift_{modality}", None)
+        if shift is None:
+            return norm(x)
+        return (x - shift) / getattr(self, f"feature_scale_{modality}") * norm.weight + norm.bias
 
     def features(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
         if modality == "id" and self.id_embedding is not None:
@@ -144,7 +157,7 @@ class SpeederModalityExperts(nn.Module):
         Returns tokens (n, K, H) and gate weights (n, M)."""
         present = self.presence[rows]  # (n, M)
         normed = [
-            self.experts[m][0](self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
+            self.normalize(m, self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
         ]  # M x (n, d_m); absent features are zeroed so they cannot leak through the gate
         allowed = present & active
         # An item with none of the active modalities (say, no text during the text stage) falls back to what it has.
@@ -225,6 +238,11 @@ class SpeederPreTrainedModel(PreTrainedModel):
         if isinstance(module, SpeederModalityExperts):
             rms = self.config.item_token_rms or self.config.text_config.initializer_range
             init.constant_(module.token_gain, rms)
+            for name, buffer in module.named_buffers(recurse=False):
+                if name.startswith("feature_shift_"):
+                    init.zeros_(buffer)
+                elif name.startswith("feature_scale_"):
+                    init.ones_(buffer)
         elif isinstance(module, SpeederForSequentialRecommendation):
             # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
             init.ones_(module.modality_keep_prob)
@@ -287,6 +305,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             if len(bad):
                 raise ValueError(f"Features '{m}' hold NaN or inf in rows {bad[:10].tolist()} (of {len(bad)} rows)")
             getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
+            if hasattr(self.mrc, f"feature_shift_{m}") and mask.any():
+                shift = x[mask].mean(0)
+                getattr(self.mrc, f"feature_shift_{m}").copy_(shift)
+                getattr(self.mrc, f"feature_scale_{m}").fill_(float((x[mask] - shift).pow(2).mean().sqrt().clamp_min(1e-6)))
             new_presence[:, j] = mask
         empty = (~new_presence.any(-1)).nonzero().flatten()
         if len(empty):

@@ -297,37 +297,51 @@ def write_report(output: Path, report: dict):
         return
     split = next((k for k in ("test", "validation") if k in report), None)
     if split and report[split].get("by_history_length"):
-        buckets = report[split]["by_history_length"]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        x = range(len(buckets))
-        for offset, metric in ((-0.2, "hr@1"), (0.2, "ndcg@10")):
-            ax.bar([i + offset for i in x], [b[metric] for b in buckets.values()], width=0.4, label=metric.upper())
-        ax.set_xticks(list(x), [f"{k}\n(n={b['users']})" for k, b in buckets.items()])
-        ax.set_xlabel("history length (items)")
-        ax.set_title(f"Speeder, {split} split, 20 candidates")
-        ax.legend()
+        systems = {"Speeder": report[split]}
+        if isinstance(report.get("sasrec"), dict) and split in report["sasrec"]:
+            systems["SASRec"] = report["sasrec"][split]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [5, 2]})
+        for ax, key, xlabel in ((axes[0], "by_history_length", "history length (items)"),
+                                (axes[1], "by_target_popularity", "target popularity in training")):
+            buckets = report[split].get(key) or {}
+            width = 0.8 / len(systems)
+            for s_index, (name, metrics) in enumerate(systems.items()):
+                values = [metrics.get(key, {}).get(b, {}).get("hr@1", 0.0) for b in buckets]
+                ax.bar([i + (s_index - (len(systems) - 1) / 2) * width for i in range(len(buckets))], values, width=width,
+                       label=f"{name} HR@1")
+            ax.axhline(1 / 20, color="black", linestyle=":", linewidth=1, label="chance (1 of 20)")
+            ax.set_xticks(list(range(len(buckets))), [f"{k}\n(n={b['users']})" for k, b in buckets.items()])
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel("HR@1, 20 candidates")
+        axes[0].set_title(f"{split} split")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
         fig.tight_layout()
         fig.savefig(output / "metrics_by_history_length.png", dpi=110)
         plt.close(fig)
     history = [h for h in report.get("log_history", []) if "loss" in h and "step" in h]
     if history:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="training loss")
-        previous = None
-        for h in history:
-            if h.get("mpo_stage") is not None and h["mpo_stage"] != previous:
-                ax.axvline(h["step"], color="grey", linestyle="--", linewidth=0.8)
-                ax.text(h["step"], ax.get_ylim()[1], f" MPO stage {h['mpo_stage']}", va="top", fontsize=8)
-                previous = h["mpo_stage"]
+        for step, stage in report.get("mpo_transitions", []):  # the real transitions, not the next logged step
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+            ax.text(step, ax.get_ylim()[1], f" MPO stage {stage}", va="top", ha="right", rotation=90, fontsize=8)
+        evaluations = [h for h in report.get("log_history", []) if "eval_ndcg@10" in h]
+        if evaluations:
+            right = ax.twinx()
+            right.plot([h["step"] for h in evaluations], [h["eval_ndcg@10"] for h in evaluations], color="tab:green",
+                       marker="o", label="validation NDCG@10")
+            right.set_ylabel("validation NDCG@10")
+            right.legend(loc="upper right", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
+        ax.legend(loc="upper center", fontsize=8)
         fig.tight_layout()
         fig.savefig(output / "training_curve.png", dpi=110)
         plt.close(fig)
 
 
-def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0, patience: int = 10, **sasrec_kwargs):
+def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0, patience: int = 10, selection_rows=None,
+                    **sasrec_kwargs):
     """Train the package's SASRec on every training target of every user, select the epoch on validation (full-catalog
     NDCG@10, early stopping), and evaluate both splits on the same stored candidates and buckets as Speeder.
     Returns (report, model): the model's item embeddings can serve as Speeder's collaborative (`id`) features."""
@@ -339,7 +353,8 @@ def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0,
     data = {split: select(splits[split], eval_rows) for split in ("validation", "test")}
     start = time.perf_counter()
     # The validation history of a user is exactly their training sequence (everything before the last two items).
-    validation = ([rows(h) for h in data["validation"]["history"]], rows(data["validation"]["target"]))
+    selection = select(splits["validation"], selection_rows)  # the users scored after every epoch (all by default)
+    validation = ([rows(h) for h in selection["history"]], rows(selection["target"]))
     model = train_sasrec([rows(h) for h in splits["validation"]["history"]], len(item_ids), epochs=epochs, seed=seed,
                          validation=validation, patience=patience, **sasrec_kwargs)
     report = {"train_seconds": round(time.perf_counter() - start, 1), "training": model.training_record}

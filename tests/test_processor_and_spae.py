@@ -196,3 +196,23 @@ def test_item_cache_survives_eval_and_is_dropped_for_training():
     model.eval()
     model.set_active_modalities(["text"])
     assert model._item_cache is None
+
+
+def test_catalog_feature_normalization_keeps_item_magnitudes(tmp_path):
+    """Per-item LayerNorm maps x and 2x to the same vector; catalog statistics keep the difference (for SASRec
+    embeddings the magnitude says how much an item was trained), and they travel with the checkpoint."""
+    from transformers import AutoModel
+
+    model, _ = make_tiny("llama", feature_normalization="catalog")
+    text = model.mrc.features_text
+    x = text[:1]
+    item_norm = torch.nn.functional.layer_norm(torch.cat([x, 2 * x]), (x.shape[1],))
+    assert torch.allclose(item_norm[0], item_norm[1], atol=1e-5)
+    catalog = model.mrc.normalize("text", torch.cat([x, 2 * x]))
+    assert not torch.allclose(catalog[0], catalog[1], atol=1e-3)
+    torch.testing.assert_close(model.mrc.feature_shift_text, text.mean(0))
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModel.from_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.mrc.feature_scale_text, model.mrc.feature_scale_text)
+    with pytest.raises(ValueError, match="feature_normalization must be"):
+        make_tiny("llama", feature_normalization="batch")
