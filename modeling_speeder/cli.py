@@ -179,7 +179,8 @@ def build(args):
     model, processor = build_speeder(
         backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"],
         learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
-        expert_hidden_size=args.expert_hidden_size, seed=args.seed,
+        expert_hidden_size=args.expert_hidden_size, seed=args.seed, item_dropout=args.item_dropout,
+        catalog_item_bias=not args.no_item_bias,
     )
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
@@ -348,10 +349,12 @@ def main(argv=None):
     p.add_argument("--backbone", required=True, help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
     p.add_argument("--output", required=True)
     p.add_argument("--tokens-per-item", type=int, default=1)
-    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--max-history", type=int, default=50)
     p.add_argument("--learned-id-dim", type=int, default=0)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seeds the new weights; stored in the config as build_seed")
+    p.add_argument("--item-dropout", type=float, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--no-item-bias", action="store_true", help="no per-item bias on catalog-head scores")
     p.set_defaults(run=build)
     p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
@@ -374,7 +377,7 @@ def main(argv=None):
     p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")
     p.add_argument("--learned-id-dim", type=int, default=64)
     p.add_argument("--tokens-per-item", type=int, default=1)
-    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--max-history", type=int, default=50)
     p.add_argument("--expert-hidden-size", type=int, default=256)
     p.add_argument("--catalog-loss-weight", type=float, default=0.0)
     p.add_argument("--item-dropout", type=float, default=0.2, help="dropout on item tokens while training")
