@@ -7,6 +7,26 @@ import sys
 import time
 
 
+def _number(kind, low, low_inclusive=True, high=None):
+    """An argparse type: `kind` (int or float) in [low, high) (or (low, high) when not low_inclusive), with an error that
+    names the value and what was expected."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (value == low and not low_inclusive) or (high is not None and value >= high):
+            bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
+
+
 def quickstart(args):
     """Build a tiny Speeder over a synthetic catalog, save it, reload it through AutoModel, recommend."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -322,8 +342,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("quickstart", help="build a tiny model, save, reload with AutoModel, and recommend")
     p.add_argument("--output", default="outputs/quickstart")
-    p.add_argument("--num-items", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-items", type=POSITIVE_INT, default=200)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.set_defaults(run=quickstart)
     p = commands.add_parser("convert", help="raw data -> canonical dataset folder")
     p.add_argument("--format", required=True, choices=CONVERTERS)
@@ -331,9 +351,9 @@ def main(argv=None):
     p.add_argument("--name", help="file stem inside the folder, e.g. Scientific, Beauty, ml-100k")
     p.add_argument("--meta", help="amazon2023: the meta JSONL file")
     p.add_argument("--items", help="csv: an optional items CSV")
-    p.add_argument("--k-core", type=int, default=5)
-    p.add_argument("--negatives", type=int, default=19)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k-core", type=POSITIVE_INT, default=5)
+    p.add_argument("--negatives", type=POSITIVE_INT, default=19)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--output", required=True)
     p.set_defaults(run=convert)
     p = commands.add_parser("features", help="item features with frozen encoders -> <data>/features.safetensors")
@@ -342,18 +362,18 @@ def main(argv=None):
     p.add_argument("--text-encoder", default=None, help="hub id or local path of any Transformers text encoder")
     p.add_argument("--image-encoder", default=None, help="hub id or local path of a CLIP / SigLIP / vision model")
     p.add_argument("--collaborative", action="store_true", help="train SASRec; its item embeddings become 'id'")
-    p.add_argument("--sasrec-epochs", type=int, default=200, help="most SASRec epochs; early stopping on validation")
+    p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping on validation")
     p.set_defaults(run=features)
     p = commands.add_parser("build", help="base LLM + dataset -> Speeder checkpoint and processor")
     p.add_argument("--data", required=True)
     p.add_argument("--backbone", required=True, help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
     p.add_argument("--output", required=True)
-    p.add_argument("--tokens-per-item", type=int, default=1)
-    p.add_argument("--max-history", type=int, default=50)
-    p.add_argument("--learned-id-dim", type=int, default=0)
-    p.add_argument("--expert-hidden-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="seeds the new weights; stored in the config as build_seed")
-    p.add_argument("--item-dropout", type=float, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--tokens-per-item", type=POSITIVE_INT, default=1)
+    p.add_argument("--max-history", type=POSITIVE_INT, default=50)
+    p.add_argument("--learned-id-dim", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--expert-hidden-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds the new weights; stored in the config as build_seed")
+    p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
     p.add_argument("--no-item-bias", action="store_true", help="no per-item bias on catalog-head scores")
     p.set_defaults(run=build)
     p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
@@ -362,25 +382,25 @@ def main(argv=None):
     p.add_argument("--model", help="a checkpoint folder from `speeder build`; else one is built from --backbone")
     p.add_argument("--backbone", default="tiny-llama")
     p.add_argument("--output", default="outputs/train")
-    p.add_argument("--epochs", type=float, default=30, help="most epochs; early stopping on validation ends sooner")
-    p.add_argument("--steps", type=int, default=None, help="a fixed budget of optimiser steps instead of --epochs")
-    p.add_argument("--patience", type=int, default=3, help="evaluations without validation gain before stopping (0: never)")
-    p.add_argument("--selection-rows", type=int, default=None, help="validation users scored for selection (all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--save-steps", type=int, default=None)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
+    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=30, help="most epochs; early stopping on validation ends sooner")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="a fixed budget of optimiser steps instead of --epochs")
+    p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3, help="evaluations without validation gain before stopping (0: never)")
+    p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3)
+    p.add_argument("--save-steps", type=POSITIVE_INT, default=None)
+    p.add_argument("--lora-r", type=NON_NEGATIVE_INT, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
     p.add_argument("--no-mpo", action="store_true", help="ablation: all modalities from step 0")
     p.add_argument("--no-recency", action="store_true", help="ablation: no SPAE recency embeddings")
     p.add_argument("--no-item-positions", action="store_true", help="ablation: plain token position ids")
     p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")
-    p.add_argument("--learned-id-dim", type=int, default=64)
-    p.add_argument("--tokens-per-item", type=int, default=1)
-    p.add_argument("--max-history", type=int, default=50)
-    p.add_argument("--expert-hidden-size", type=int, default=256)
-    p.add_argument("--catalog-loss-weight", type=float, default=0.0)
-    p.add_argument("--item-dropout", type=float, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--learned-id-dim", type=NON_NEGATIVE_INT, default=64)
+    p.add_argument("--tokens-per-item", type=POSITIVE_INT, default=1)
+    p.add_argument("--max-history", type=POSITIVE_INT, default=50)
+    p.add_argument("--expert-hidden-size", type=POSITIVE_INT, default=256)
+    p.add_argument("--catalog-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.0)
+    p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
     p.add_argument("--no-item-bias", action="store_true", help="ablation: no per-item bias on catalog-head scores")
     p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate", "dense+candidate"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
@@ -388,9 +408,9 @@ def main(argv=None):
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
     p.add_argument("--attn-implementation", default=None,
                    help="backbone attention: eager, sdpa (default), flex_attention, flash_attention_2, a hub kernel")
-    p.add_argument("--eval-rows", type=int, default=None)
+    p.add_argument("--eval-rows", type=POSITIVE_INT, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.set_defaults(run=train_command)
     p = commands.add_parser("evaluate", help="evaluate a checkpoint: report.json and PNG plots")
     p.add_argument("--config")
@@ -398,7 +418,7 @@ def main(argv=None):
     p.add_argument("--data", required=False)
     p.add_argument("--split", default="test", choices=["validation", "test"])
     p.add_argument("--output", default="outputs/evaluate")
-    p.add_argument("--eval-rows", type=int, default=None)
+    p.add_argument("--eval-rows", type=POSITIVE_INT, default=None)
     p.set_defaults(run=evaluate_command)
     for name, run, help_text in (("push", push_command, "push a checkpoint and its model card to the Hub (one commit)"),
                                  ("card", card_command, "render a checkpoint's model card")):
@@ -421,14 +441,14 @@ def main(argv=None):
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific", "beauty"],
                    help="auto: scientific when ../shared/data has it, else MovieLens-100k from the recbole wheel")
     p.add_argument("--output", default="outputs/demo", help="folder for data, checkpoint, report.json and plots")
-    p.add_argument("--epochs", type=float, default=40, help="most Speeder epochs; early stopping on validation ends sooner")
-    p.add_argument("--batch-size", type=int, default=32, help="training windows per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear decay)")
-    p.add_argument("--max-history", type=int, default=50, help="history items in the prompt (SASRec keeps 50 too)")
-    p.add_argument("--sasrec-epochs", type=int, default=200, help="most SASRec epochs; early stopping ends sooner")
-    p.add_argument("--selection-rows", type=int, default=None, help="validation users scored for model selection (all)")
-    p.add_argument("--eval-rows", type=int, default=None, help="evaluate on the first N users only")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, initial weights and negatives")
+    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=40, help="most Speeder epochs; early stopping on validation ends sooner")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training windows per step")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
+    p.add_argument("--max-history", type=POSITIVE_INT, default=50, help="history items in the prompt (SASRec keeps 50 too)")
+    p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping ends sooner")
+    p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for model selection (all)")
+    p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args = _load_config(args, commands.choices[args.command])

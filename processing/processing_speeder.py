@@ -4,6 +4,9 @@ Copied next to saved checkpoints as remote code: it imports only installed libra
 """
 
 import hashlib
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
@@ -261,6 +264,32 @@ class SpeederProcessor(ProcessorMixin):
                 boundaries = torch.tensor(boundaries, dtype=torch.int32)
             data.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=max(lengths), max_length_k=max(lengths))
         return BatchEncoding(data)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """ProcessorMixin.save_pretrained, atomic per file: everything is written to a temporary folder beside
+        `save_directory`, then each file is moved into place with an atomic rename, so a killed or failed save leaves
+        every earlier file whole (the catalog lives in processor_config.json: a truncated one would lose it)."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        target = os.path.abspath(save_directory)
+        os.makedirs(target, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".processor-saving-", dir=target)
+        try:
+            saved = super().save_pretrained(tmp, *args, **kwargs)
+            umask = os.umask(0)
+            os.umask(umask)
+            for root, _, files in os.walk(tmp):
+                relative = os.path.relpath(root, tmp)
+                os.makedirs(os.path.join(target, relative), exist_ok=True)
+                for name in files:
+                    source = os.path.join(root, name)
+                    with open(source, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.chmod(source, 0o666 & ~umask)
+                    os.replace(source, os.path.join(target, relative, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return [os.path.join(target, os.path.relpath(f, tmp)) for f in saved] if isinstance(saved, list) else saved
 
     @property
     def model_input_names(self):

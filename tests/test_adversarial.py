@@ -3,6 +3,7 @@ is not a Speeder checkpoint fails before allocating anything, a diverged model n
 candidate arguments are validated."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,38 @@ def test_a_diverged_run_stops_and_never_reports_perfect_metrics(tmp_path):
     assert report["diverged_at_step"] is not None and report["steps"] < 6, "training stops at a non-finite loss"
     assert report["test"]["hr@1"] < 0.5 and np.isfinite(report["test"]["mrr"])
     assert report["test"]["nonfinite_scores"] > 0, "the report flags the non-finite scores"
+
+
+def test_processor_save_is_atomic(tmp_path, monkeypatch):
+    """A save that fails part-way (full disk, kill) leaves the previous processor files whole: the catalog lives there."""
+    from transformers.processing_utils import ProcessorMixin
+
+    model, processor, ckpt = _saved(tmp_path)
+    before = (ckpt / "processor_config.json").read_bytes()
+
+    def failing_save(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "processor_config.json").write_text('{"item_ids": ["trunc')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ProcessorMixin, "save_pretrained", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        processor.save_pretrained(ckpt)
+    assert (ckpt / "processor_config.json").read_bytes() == before
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".processor-saving-")], "no temporary left behind"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--data", "d", "--steps", "-3"], "--steps: expected a value >= 1, got '-3'"),
+    (["train", "--data", "d", "--steps", "0"], "--steps: expected a value >= 1, got '0'"),
+    (["convert", "--format", "csv", "--negatives", "0", "--output", "o"], "--negatives: expected a value >= 1"),
+    (["train", "--data", "d", "--eval-rows", "0"], "--eval-rows: expected a value >= 1"),
+    (["train", "--data", "d", "--lr", "-1"], "--lr: expected a value > 0"),
+    (["train", "--data", "d", "--item-dropout", "1.5"], "--item-dropout: expected a value >= 0 and < 1"),
+    (["demo", "--epochs", "abc"], "--epochs: expected a number, got 'abc'"),
+])
+def test_cli_numbers_out_of_range_are_refused_with_the_value(argv, message, capsys):
+    from modeling_speeder.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(argv)
+    assert message in capsys.readouterr().err
