@@ -130,7 +130,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
           learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
           packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
-          **training_kwargs):
+          report_splits=("validation", "test"), **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
     The validation split's stored candidates are scored every epoch (`compute_metrics`; `selection_rows` users, all by
@@ -157,8 +157,9 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
                       selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
                       warmup_ratio=warmup_ratio, **training_kwargs)
+        # The first stage reports validation only: the test split is read once, after the last stage.
         dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
-                             patience=patience, mpo=mpo, head="catalog-dense", **common)
+                             patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",), **common)
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 1.0, 1.0
         report = train(model, processor, splits, output, epochs=candidate_epochs, patience=1, mpo=False, head="candidate",
                        **common)
@@ -238,7 +239,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "log_history": trainer.state.log_history}
     if args.process_index == 0:
         counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
-        for split in ("validation", "test"):  # the test split is read here, once, after selection
+        for split in report_splits:  # the test split is read here, once, after selection
             report[split] = evaluate_split(model, processor, select(splits[split], eval_rows), counts)
         write_report(output, report)
     return report

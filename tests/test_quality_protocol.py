@@ -166,7 +166,8 @@ def test_dense_then_candidate_trains_both_heads_and_ranks_with_the_candidate_hea
     report = train(model, processor, splits, tmp_path / "run", epochs=2, candidate_epochs=1, batch_size=8, patience=0,
                    head="dense+candidate")
     assert report["head"] == "dense+candidate" and report["test"]["head"] == "candidate"
-    assert report["dense_stage"]["test"]["head"] == "catalog" and "catalog_head" in report["test"]
+    assert report["dense_stage"]["validation"]["head"] == "catalog" and "catalog_head" in report["test"]
+    assert "test" not in report["dense_stage"], "the test split is read once, after the last stage"
     assert model.config.candidate_loss_weight == 1.0 and model.config.catalog_loss_weight == 1.0
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["candidate_ranking_head"] == "candidate"
