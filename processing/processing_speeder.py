@@ -149,9 +149,10 @@ class SpeederProcessor(ProcessorMixin):
         candidates: per user, a set of item ids to score (the same count for every user in a batch), or None for
             catalog-head inputs only.
         targets: per user, the next item; gives `labels` (its place among the candidates) and `catalog_labels`.
-        dense: also emit `dense_catalog_labels` (B, T): at the last token of each history item, the catalog index of
-            the item that followed it (the next history item, or the target for the last one), -100 elsewhere.
-            One causal pass then trains the catalog head on every prefix of the sequence (SASRec-style).
+        dense: also emit `dense_catalog_labels` (B, T): at the last token of each history item but the last, the
+            catalog index of the next history item; at the query token, the target; -100 elsewhere. One causal pass
+            then trains the catalog head on every prefix of the sequence (SASRec-style), the last one at the query
+            token that inference reads.
         packed: padding-free layout for catalog-head inputs (no candidates): the prompts back to back in one row,
             plus `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 sequence boundaries and `max_length_q` /
             `max_length_k`, as Transformers' `DataCollatorWithFlattening` names them. SPAE position ids repeat values
@@ -212,9 +213,13 @@ class SpeederProcessor(ProcessorMixin):
                 first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - (len(history) - len(hist)))
                 token_labels = [-100] * len(rows[-1][0])
                 item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3])) if row >= 0 and 0 <= r < self.max_history]
+                # Each history item predicts the next one; the item after the whole history (the target) is predicted
+                # by the query token, the state inference reads, so the served position is trained too.
+                predictor = [item_tokens[(j + 1) * self.tokens_per_item - 1] for j in range(len(hist) - 1)]
+                predictor.append(len(rows[-1][0]) - 1 - (len(cands) * self.tokens_per_item if candidates_in_prompt else 0))
                 for j, next_row in enumerate(following):
                     if j >= first:
-                        token_labels[item_tokens[(j + 1) * self.tokens_per_item - 1]] = next_row
+                        token_labels[predictor[j]] = next_row
                 dense_labels.append(token_labels)
 
         if dense_labels_from is not None and (not dense or len(dense_labels_from) != batch):

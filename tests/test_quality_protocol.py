@@ -65,6 +65,7 @@ def test_dense_rows_cover_long_histories_without_validation_or_test_targets():
     inputs = processor(histories=[["item1", "item2", "item3", "item4"]], targets=["item5"], dense=True, dense_labels_from=[2])
     labels = inputs["dense_catalog_labels"][0]
     assert labels[labels >= 0].tolist() == [4, 5]
+    assert labels[inputs["query_index"][0]] == 5, "the query token, which inference reads, predicts the target"
     with pytest.raises(ValueError, match="dense_labels_from"):
         processor(histories=HISTORIES, dense_labels_from=[0, 0, 0])
 

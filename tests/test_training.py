@@ -221,15 +221,17 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
 
 
 def test_dense_catalog_training_labels_and_loss():
-    """Every history item's hidden state queries the item after it: the labels are the next items (then the
-    target), and the loss is the catalog cross-entropy over exactly those positions, in one forward pass."""
+    """Every history item's hidden state queries the item after it, and the query token (the state inference
+    reads) the target; the loss is the catalog cross-entropy over exactly those positions, in one forward pass."""
     model, processor = make_tiny("llama", catalog_loss_weight=1.0, candidate_loss_weight=0.0, tokens_per_item=2)
     inputs = processor(histories=HISTORIES, targets=["item21", "item26", "item27"], dense=True)
     labels = inputs["dense_catalog_labels"]
     assert labels[0][labels[0] >= 0].tolist() == [2, 3, 4, 21]
     assert labels[1][labels[1] >= 0].tolist() == [6, 26]
-    positions = (labels[0] >= 0).nonzero().flatten()
-    assert (inputs["item_token_index"][0, positions] % 2 == 1).all(), "the last of each item's K tokens"
+    for row in range(len(HISTORIES)):
+        positions = (labels[row] >= 0).nonzero().flatten()
+        assert positions[-1] == inputs["query_index"][row], "the target is predicted by the query token"
+        assert (inputs["item_token_index"][row, positions[:-1]] % 2 == 1).all(), "the last of each item's K tokens"
     out = model(**inputs, output_hidden_states=True)
     last = out.hidden_states[-1]
     keep = labels >= 0
