@@ -64,9 +64,9 @@ def main():
     model.eval()
     build_s = time.perf_counter() - start
     start = time.perf_counter()
-    model.cache_item_tokens(chunk_size=args.chunk)
+    cache = model.cache_item_tokens(chunk_size=args.chunk)
     cache_s = time.perf_counter() - start
-    cache_mb = model._item_cache.numel() * model._item_cache.element_size() / 2**20
+    cache_mb = cache.numel() * cache.element_size() / 2**20
     histories = [[item_ids[(7919 * u + j) % args.items] for j in range(20)] for u in range(args.batch)]
     model.recommend(histories[:2], top_k=10, processor=processor, batch_size=args.batch, chunk_size=args.chunk)  # warm-up
     before = rss_mb()

@@ -216,7 +216,7 @@ def worker(args):
 
         def infer(batch):
             model.eval()
-            if model._item_cache is None:
+            if not model.item_cache_is_current():
                 model.cache_item_tokens()
             rows_b = sample(batch)
             with torch.inference_mode():

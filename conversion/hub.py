@@ -86,7 +86,7 @@ def push_checkpoint(model_dir: str | os.PathLike, repo_id: str, card: ModelCard 
     api = api or HfApi()
     model = AutoModel.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    model.check_catalog(processor)
+    model.check_processor(processor)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)

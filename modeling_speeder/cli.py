@@ -243,7 +243,7 @@ def train_command(args):
         from transformers import AutoModel, AutoProcessor
 
         model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
-        model.check_catalog(processor)
+        model.check_processor(processor)
     else:
         wanted = set(args.modalities.split(",")) if args.modalities else None
         if wanted:
@@ -288,7 +288,7 @@ def evaluate_command(args):
 
     splits, _, _, _ = load_canonical(args.data)
     model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
-    model.check_catalog(processor)
+    model.check_processor(processor)
     from .evaluation import training_item_counts
 
     counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})

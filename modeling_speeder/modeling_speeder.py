@@ -64,6 +64,19 @@ def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_
     return inner_mask
 
 
+def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor, modalities: Sequence[str]):
+    """Raise unless every present feature row is finite and every item has a modality present: a NaN row, or an
+    item with nothing present, would make that item everyone's top recommendation or a NaN score.
+    features[m]: (N, d_m); presence: (N, M) bool in `modalities` order."""
+    for m, x in features.items():
+        bad = (~torch.isfinite(x).all(-1) & presence[:, modalities.index(m)]).nonzero().flatten()
+        if len(bad):
+            raise ValueError(f"Features '{m}' hold NaN or inf in rows {bad[:10].tolist()} (of {len(bad)} rows)")
+    empty = (~presence.any(-1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
+
+
 def replace_directory(new: Path, final: Path):
     """Make the finished folder `new` take the place of `final`. The old folder is moved aside first and removed
     last, so at every moment one complete version exists (at `final`, or beside it while the two renames run).
@@ -205,13 +218,28 @@ class SpeederPreTrainedModel(PreTrainedModel):
                     f"{', no text_config' if not found.get('text_config') else ''}): build a Speeder checkpoint from this "
                     "backbone with `speeder build` (or conversion.build.build_speeder) first"
                 )
+        wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except SafetensorError as err:
             raise OSError(
                 f"Cannot load the Speeder checkpoint {str(pretrained_model_name_or_path)!r}: a safetensors weights file is "
                 f"corrupt or truncated ({err}). Re-download it or save the model again."
             ) from err
+        # The feature bank is the catalog: a missing tensor would be uninitialised memory, not a default.
+        missing_bank = [k for k in info["missing_keys"] if "mrc.features_" in k or k.endswith("mrc.presence")]
+        if missing_bank:
+            raise OSError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} lacks its feature bank tensors "
+                          f"{sorted(missing_bank)}: the weights file is incomplete. Save the model again.")
+        if isinstance(model, SpeederForSequentialRecommendation):
+            mrc = model.mrc
+            stored = {m: getattr(mrc, f"features_{m}") for m in mrc.modalities if hasattr(mrc, f"features_{m}")}
+            try:
+                check_feature_bank(stored, mrc.presence, mrc.modalities)
+            except ValueError as err:
+                raise ValueError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} has a corrupt feature "
+                                 f"bank: {err}") from err
+        return (model, info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Like PreTrainedModel.save_pretrained, but atomic: the files are written to a sibling temporary folder that
@@ -280,6 +308,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
         self._item_cache = None  # (N, K, H) item tokens for inference, built by cache_item_tokens()
         self._item_repr_cache = None  # (N, H) their catalog-head representations
+        self._item_cache_key = None  # the state of the weights the cache was computed from
         self.post_init()
 
     # ----- item feature bank and item cache -----
@@ -291,7 +320,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         missing, unknown = set(stored) - set(features), set(features) - set(stored)
         if missing or unknown:
             raise ValueError(f"Features for modalities {stored} expected; missing {sorted(missing)}, unknown {sorted(unknown)}")
-        new_presence = self.mrc.presence.clone()
+        new_presence, features = self.mrc.presence.clone(), dict(features)
         for m, x in features.items():
             j = self.mrc.modalities.index(m)
             x = torch.as_tensor(x, dtype=torch.float32)
@@ -301,18 +330,15 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             mask = torch.as_tensor(presence.get(m, torch.ones(n, dtype=torch.bool)), dtype=torch.bool)
             if mask.shape != (n,):
                 raise ValueError(f"Presence '{m}' has shape {tuple(mask.shape)}; expected ({n},)")
-            bad = (~torch.isfinite(x).all(-1) & mask).nonzero().flatten()
-            if len(bad):
-                raise ValueError(f"Features '{m}' hold NaN or inf in rows {bad[:10].tolist()} (of {len(bad)} rows)")
+            features[m], new_presence[:, j] = x, mask
+        check_feature_bank(features, new_presence, self.mrc.modalities)
+        for m, x in features.items():
+            mask = new_presence[:, self.mrc.modalities.index(m)]
             getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
             if hasattr(self.mrc, f"feature_shift_{m}") and mask.any():
                 shift = x[mask].mean(0)
                 getattr(self.mrc, f"feature_shift_{m}").copy_(shift)
                 getattr(self.mrc, f"feature_scale_{m}").fill_(float((x[mask] - shift).pow(2).mean().sqrt().clamp_min(1e-6)))
-            new_presence[:, j] = mask
-        empty = (~new_presence.any(-1)).nonzero().flatten()
-        if len(empty):
-            raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
         self.mrc.presence.copy_(new_presence)
         self.clear_item_cache()
 
@@ -339,10 +365,26 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self._item_cache = torch.cat([self.mrc(r, self.active_modalities)[0] for r in rows.split(chunk_size)])
         # Scored by the catalog head; a view when K = 1, computed once otherwise (not per call: (N, H) is large).
         self._item_repr_cache = self._item_cache[:, 0] if self.config.tokens_per_item == 1 else self._item_cache.mean(1)
+        self._item_cache_key = self._item_weights_key()
         return self._item_cache
 
     def clear_item_cache(self):
-        self._item_cache = self._item_repr_cache = None
+        self._item_cache = self._item_repr_cache = self._item_cache_key = None
+
+    def _item_weights_key(self) -> tuple:
+        """Storage, version counter and dtype of every tensor the item tokens depend on: any in-place update
+        (optimizer step, load_state_dict, set_item_features) bumps a version, and `.to(...)` changes storage or dtype."""
+        tensors = [*self.mrc.parameters(), *self.mrc.buffers(), self.modality_keep_prob]
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def item_cache_is_current(self) -> bool:
+        """True when a cache exists and the weights, device and dtype it was computed from are unchanged."""
+        if self._item_cache is None:
+            return False
+        if self._item_cache_key != self._item_weights_key():
+            self.clear_item_cache()
+            return False
+        return True
 
     def train(self, mode: bool = True):
         if mode:  # weights may change from here on; eval() keeps the cache (recommend() calls it every time)
@@ -358,7 +400,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
     def item_representations(self) -> torch.Tensor:
         """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
-        if self._item_cache is not None and not self.training:
+        if not self.training and self.item_cache_is_current():
             return self._item_repr_cache
         rows = torch.arange(self.config.num_items, device=self.device)
         return self.mrc(rows, self.active_modalities)[0].mean(1)
@@ -382,7 +424,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         )
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
         flat_index = item_token_index[is_item]  # (n_occ * K,) = item * K + k, K consecutive tokens per occurrence
-        if self._item_cache is not None and not self.training and modality_mask is None:
+        if not self.training and modality_mask is None and self.item_cache_is_current():
             item_vectors = self._item_cache.flatten(0, 1)[flat_index]
         else:
             starts = flat_index[::k]  # one row per item occurrence
@@ -615,8 +657,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         products, with no candidates in the prompt."""
         return self.config.candidate_ranking_head == "catalog"
 
-    def check_catalog(self, processor):
-        """Raise if the processor's catalog is not the one this checkpoint was built on."""
+    def check_processor(self, processor):
+        """Raise if the processor does not state the layout this checkpoint was built for: the same catalog, K tokens
+        per item, history length, position mode and placeholder token ids (the config owns them; a processor
+        with another value would embed the wrong items or read the wrong token without any other error)."""
         if processor.num_items != self.config.num_items:
             raise ValueError(
                 f"The processor's catalog has {processor.num_items} items but this checkpoint was built for "
@@ -628,6 +672,16 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 f"The processor's catalog (fingerprint {processor.catalog_fingerprint}) differs from this checkpoint's "
                 f"({expected}): same size, different item ids or order"
             )
+        settings = {"tokens_per_item": processor.tokens_per_item, "max_history": processor.max_history,
+                    "item_level_position_ids": processor.item_level_position_ids,
+                    "item_token_id": processor.item_token_id, "query_token_id": processor.query_token_id}
+        for name, value in settings.items():
+            expected = getattr(self.config, name)
+            if expected is not None and value != expected:
+                raise ValueError(
+                    f"The processor has {name}={value!r} but this checkpoint was built with {name}={expected!r}: "
+                    "load the processor saved with this model"
+                )
 
     @torch.inference_mode()
     def recommend(
@@ -656,7 +710,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             # as remote code (the user trusted this checkpoint to get it) loads its processor the same way.
             loaded_as_remote_code = type(self).__module__.startswith("transformers_modules")
             processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=loaded_as_remote_code)
-        self.check_catalog(processor)
+        self.check_processor(processor)
         if isinstance(histories, str) or (len(histories) and isinstance(histories[0], str)):
             raise ValueError("histories must be a list of histories (each a list of item ids)")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -664,7 +718,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         if candidates is not None and len(candidates) != len(histories):
             raise ValueError(f"{len(candidates)} candidate lists for {len(histories)} histories")
         self.eval()
-        if self._item_cache is None:
+        if not self.item_cache_is_current():
             self.cache_item_tokens()
         results = []
         for start in range(0, len(histories), batch_size):
@@ -714,6 +768,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
 
 __all__ = [
+    "check_feature_bank",
     "SpeederPreTrainedModel",
     "SpeederForSequentialRecommendation",
     "SpeederModalityExperts",

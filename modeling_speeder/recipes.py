@@ -151,6 +151,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     output = Path(output)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    model.check_processor(processor)
     if head == "dense+candidate":
         # Dense catalog pre-training on every target, then the candidate head learns on top with the catalog loss kept
         # on (joint), both stages selected on validation; the model then ranks candidate sets with the candidate head.
@@ -255,6 +256,7 @@ def evaluate_split(model, processor, data, counts=None, batch_size: int = 64) ->
     whole catalog, history excluded, and without exclusion); both by history length and, with training-split item
     `counts`, by target popularity (cold items). A candidate-head model also reports its catalog head on protocol P
     (dot products with the candidates, from the same pass)."""
+    model.check_processor(processor)
     model.eval()
     model.cache_item_tokens()  # once, not per batch: every batch's catalog scores need all item representations
     in_prompt = not model.ranks_candidates_with_catalog_head

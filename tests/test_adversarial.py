@@ -142,3 +142,40 @@ def test_cli_numbers_out_of_range_are_refused_with_the_value(argv, message, caps
     with pytest.raises(SystemExit):
         cli(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [("tokens_per_item", 1), ("max_history", 4), ("item_level_position_ids", False), ("item_token_id", 5)],
+)
+def test_a_processor_with_other_layout_settings_is_refused(setting, value):
+    """The config owns K, the history length, the position mode and the placeholder ids: a processor stating other
+    values (K = 1 for a K = 2 model would embed the wrong items with no other error) is refused by name."""
+    model, processor = make_tiny("llama", tokens_per_item=2)
+    setattr(processor, setting, value)
+    with pytest.raises(ValueError, match=f"{setting}={value!r}.*{setting}="):
+        model.recommend(HISTORIES, top_k=3, processor=processor)
+    with pytest.raises(ValueError, match=setting):
+        model.recommend(HISTORIES, candidates=CANDIDATES, processor=processor)
+
+
+@pytest.mark.parametrize("damage", ["nan_row", "empty_presence_row", "missing_tensor"])
+def test_a_damaged_feature_bank_is_refused_on_load(tmp_path, damage):
+    """The feature bank is the catalog: a NaN row or an item with no modality would be everyone's top-1, and a
+    missing tensor would load as uninitialised memory. Loading says which."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, ckpt = _saved(tmp_path)
+    weights_file = ckpt / "model.safetensors"
+    state = load_file(weights_file)
+    if damage == "nan_row":
+        state["mrc.features_text"][3] = float("nan")
+    elif damage == "empty_presence_row":
+        state["mrc.presence"][7] = False
+    else:
+        del state["mrc.features_image"]
+    save_file(state, weights_file, metadata={"format": "pt"})
+    expected = {"nan_row": r"NaN or inf in rows \[3\]", "empty_presence_row": r"Items \[7\] have no modality",
+                "missing_tensor": "lacks its feature bank tensors.*features_image"}[damage]
+    with pytest.raises((ValueError, OSError), match=expected):
+        AutoModel.from_pretrained(ckpt)

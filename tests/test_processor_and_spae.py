@@ -188,14 +188,30 @@ def test_chunked_catalog_topk_equals_full():
 def test_item_cache_survives_eval_and_is_dropped_for_training():
     model, proc = make_tiny("llama")
     model.recommend([["item1"]], processor=proc)
-    cache = model._item_cache
+    cache = model.cache_item_tokens()
     model.recommend([["item2"]], processor=proc)
-    assert model._item_cache is cache, "recommend() must not re-encode the catalog on every call"
+    assert model.item_cache_is_current(), "recommend() must not re-encode the catalog on every call"
     model.train()
-    assert model._item_cache is None
+    assert not model.item_cache_is_current()
     model.eval()
+    model.cache_item_tokens()
     model.set_active_modalities(["text"])
-    assert model._item_cache is None
+    assert not model.item_cache_is_current()
+    assert cache is not None
+
+
+def test_item_cache_follows_weights_device_and_dtype():
+    """recommend(), then new weights loaded in eval mode, must rank with the new weights; a dtype change after
+    recommend() must not crash on a stale float32 cache."""
+    model, proc = make_tiny("llama")
+    other, _ = make_tiny("llama", seed=1)
+    before = model.recommend(HISTORIES, top_k=5, processor=proc)
+    model.load_state_dict(other.state_dict())
+    assert model.recommend(HISTORIES, top_k=5, processor=proc) == other.recommend(HISTORIES, top_k=5, processor=proc)
+    assert before != other.recommend(HISTORIES, top_k=5, processor=proc), "the two models must rank differently"
+    model.to(torch.bfloat16)
+    ranked = model.recommend(HISTORIES, top_k=5, processor=proc)
+    assert len(ranked) == len(HISTORIES) and all(len(r["item_ids"]) == 5 for r in ranked)
 
 
 def test_catalog_feature_normalization_keeps_item_magnitudes(tmp_path):
