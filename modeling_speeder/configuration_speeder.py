@@ -51,6 +51,9 @@ class SpeederConfig(PreTrainedConfig):
     expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
     item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
     item_dropout: float = 0.0  # dropout on the item tokens of the prompt while training (SASRec's embedding dropout)
+    # A free per-item embedding (zero at build) added to an item's tokens wherever its `id` modality is let through:
+    # SASRec's free item table on top of the content tokens, for items with collaborative signal.
+    item_residual_embedding: bool = False
     # How an expert normalises its input: "item" (LayerNorm per item) or "catalog" (the catalog's mean and scale,
     # computed when the feature bank is set, so per-item magnitudes survive).
     feature_normalization: str = "item"

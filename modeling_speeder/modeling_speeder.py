@@ -7,11 +7,13 @@ code: it imports only installed libraries and `.configuration_speeder`.
 """
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +150,9 @@ class SpeederModalityExperts(nn.Module):
                 self.register_buffer(f"feature_shift_{m}", torch.zeros(dims[m]))
                 self.register_buffer(f"feature_scale_{m}", torch.ones(1))
         self.id_embedding = nn.Embedding(config.num_items, config.learned_id_dim) if config.learned_id_dim else None
+        self.residual_embedding = (
+            nn.Embedding(config.num_items, k * hidden_size) if config.item_residual_embedding and "id" in dims else None
+        )
         self.register_buffer("presence", torch.ones(config.num_items, len(self.modalities), dtype=torch.bool))
 
     def normalize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +187,9 @@ class SpeederModalityExperts(nn.Module):
         )  # (n, M, K*H)
         tokens = (weights.unsqueeze(-1) * expert_out).sum(1).view(-1, self.tokens_per_item, self.hidden_size)
         tokens = F.rms_norm(tokens, (self.hidden_size,), self.token_gain, eps=1e-6)
+        if self.residual_embedding is not None:  # only where the id modality is let through (MPO, presence)
+            id_allowed = allowed[:, self.modalities.index("id"), None, None]  # (n, 1, 1)
+            tokens = tokens + self.residual_embedding(rows).view_as(tokens) * id_allowed
         return tokens, weights
 
 
@@ -266,6 +274,8 @@ class SpeederPreTrainedModel(PreTrainedModel):
         if isinstance(module, SpeederModalityExperts):
             rms = self.config.item_token_rms or self.config.text_config.initializer_range
             init.constant_(module.token_gain, rms)
+            if module.residual_embedding is not None:
+                init.zeros_(module.residual_embedding.weight)
             for name, buffer in module.named_buffers(recurse=False):
                 if name.startswith("feature_shift_"):
                     init.zeros_(buffer)
@@ -289,6 +299,27 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
       and all candidates share one position id, so scores are permutation-equivariant;
     - catalog head: the query token's hidden state, projected, is dotted with every item's representation.
     """
+
+    # The parts training policy refers to (MPO stages' `trainable`, LoRA's modules_to_save): group -> submodule or
+    # parameter paths. Owned here, next to the attributes they name, so a rename fails a test instead of silently
+    # training nothing (tests/test_training.py checks every path matches and every parameter has a group).
+    parameter_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "experts": ("mrc.experts", "mrc.id_embedding", "mrc.residual_embedding"),
+        "gate": ("mrc.gate", "mrc.token_gain"),
+        "spae": ("recency_embedding",),
+        "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
+        "backbone": ("backbone",),
+    }
+
+    @classmethod
+    def parameter_group(cls, name: str) -> str | None:
+        """The group of a parameter name, also as PEFT (`base_model.model.`, `modules_to_save.default`,
+        `original_module`, LoRA's adapters) or DDP (`module.`) name it."""
+        name = re.sub(r"\.(modules_to_save\.[^.]+|original_module)(?=\.)", "", name)
+        for prefix in ("module.", "base_model.model."):
+            name = name.removeprefix(prefix)
+        return next((group for group, paths in cls.parameter_groups.items()
+                     if any(name == path or name.startswith(path + ".") for path in paths)), None)
 
     def __init__(self, config: SpeederConfig):
         super().__init__(config)

@@ -103,8 +103,8 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
     """LoRA on the backbone; the MRC experts and gate, SPAE embeddings and heads stay fully trainable."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                        modules_to_save=["mrc", "recency_embedding", "candidate_head", "query_proj", "catalog_item_bias"])
+    speeder_parts = [name for name, _ in model.named_children() if name != "backbone"]  # fully trained beside LoRA
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), modules_to_save=speeder_parts)
     return get_peft_model(model, config)
 
 

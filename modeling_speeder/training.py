@@ -13,16 +13,6 @@ logger = logging.getLogger(__name__)
 # `evaluate.load(EVALUATE_MODULE)` gives the same metrics as an `evaluate` module, loaded by path (no hub).
 EVALUATE_MODULE = str(Path(__file__).parent / "metrics" / "speeder_ranking")
 
-# Parameter groups an MPO stage can train, by name fragment (also matches PEFT-wrapped and LoRA names).
-PARAMETER_GROUPS = {
-    "experts": ("mrc.experts.", "mrc.id_embedding"),
-    "gate": ("mrc.gate.", "mrc.token_gain"),
-    "spae": ("recency_embedding",),
-    "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
-    "backbone": ("backbone.",),
-}
-
-
 def compute_metrics(eval_pred) -> dict:
     """For `Trainer(compute_metrics=...)`: predictions are the candidate scores, the first label the targets."""
     scores = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
@@ -54,8 +44,8 @@ class SpeederMPOCallback(TrainerCallback):
     """Runs the MPO schedule in `config.mpo_stages` (DESIGN.md section 6).
 
     Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
-    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (see
-    PARAMETER_GROUPS). The stage follows from `global_step`, so a resumed run continues in the right stage; under
+    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (the
+    model's `parameter_groups`; a group naming no parameter of the model is an error). The stage follows from `global_step`, so a resumed run continues in the right stage; under
     PEFT only parameters that were trainable at the start are ever switched on. Stages that add a modality the
     model has no features for are skipped with a warning.
     """
@@ -108,11 +98,14 @@ class SpeederMPOCallback(TrainerCallback):
             self.transitions.append((step, stage["index"]))
             logger.info("MPO stage %d from step %d: modalities %s, trainable %s", stage["index"], step,
                         stage["modalities"], stage.get("trainable"))
-            groups = stage.get("trainable") or list(PARAMETER_GROUPS)
-            fragments = tuple(f for g in groups for f in PARAMETER_GROUPS[g])
+            groups = set(stage.get("trainable") or speeder.parameter_groups)
+            unknown = groups - set(speeder.parameter_groups)
+            if unknown:
+                raise ValueError(f"MPO stage {stage['index']} trains unknown groups {sorted(unknown)}; the model has "
+                                 f"{sorted(speeder.parameter_groups)}")
             for name, param in model.named_parameters():
                 if name in self._trainable:
-                    param.requires_grad_(any(f in name for f in fragments))
+                    param.requires_grad_(speeder.parameter_group(name) in groups)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -134,7 +127,6 @@ class SpeederMPOCallback(TrainerCallback):
 
 __all__ = [
     "EVALUATE_MODULE",
-    "PARAMETER_GROUPS",
     "SpeederMPOCallback",
     "StopOnNonFiniteLoss",
     "compute_metrics",
