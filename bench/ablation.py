@@ -45,7 +45,8 @@ def main():
         out = Path(args.output) / f"run{i}"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "modeling_speeder", "train", "--data", args.data, "--output", str(out),
-                        *(["--steps", str(args.steps)] if args.steps else []), *flags], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        *(["--steps", str(args.steps)] if args.steps else []), *flags],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         report = json.loads((out / "report.json").read_text())
         test = report["test"]  # ranked by the head the run trained
         results[name] = {"flags": flags, "seconds": round(time.perf_counter() - start, 1),

@@ -5,8 +5,9 @@
 
 DATA_DIR is a canonical dataset folder with an `id` feature (`speeder features --collaborative`): LLaRA's
 collaborative token is that SASRec embedding, projected. Both systems train with LoRA (rank 8, attention
-projections) on the backbone, or the whole backbone with `--full-finetune` (for random-weight backbones), batch 4, histories of at most `--history` items, 20 candidates (target + 19 drawn
-outside the history), and are tested on the first `--eval-users` test users with their stored candidates.
+projections) on the backbone, or the whole backbone with `--full-finetune` (for random-weight backbones), batch 4,
+histories of at most `--history` items, 20 candidates (target + 19 drawn outside the history), and are tested on
+the first `--eval-users` test users with their stored candidates.
 
 - LLaRA-style: each item is its title (first `--title-words` words) followed by its projected collaborative token;
   the LM loss is on the target's title; at test time the greedy answer is matched to a candidate title (exact,

@@ -68,10 +68,9 @@ def timed(fn, repeats):
 
 
 def worker(args):
+    import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM
-
-    import pyarrow.parquet as pq
 
     from modeling_speeder.conversion.build import build_speeder, load_backbone
 
@@ -141,7 +140,8 @@ def worker(args):
             labels = torch.tensor([c.index(t) for _, c, t in rows], device=device)
 
             def train_step():
-                hidden = model.model(inputs_embeds=embed(enc.input_ids, order), attention_mask=enc.attention_mask).last_hidden_state
+                hidden = model.model(inputs_embeds=embed(enc.input_ids, order),
+                                     attention_mask=enc.attention_mask).last_hidden_state
                 scores = head(hidden[:, -C - 3 : -3]).squeeze(-1)
                 torch.nn.functional.cross_entropy(scores, labels).backward()
                 model.zero_grad(set_to_none=True)
@@ -149,7 +149,8 @@ def worker(args):
             result["tokens_per_example"] = enc.input_ids.shape[1]
         else:
             answers = [" " + titles[t] for _, _, t in rows]
-            full = tokenizer([prompt(h, c) + a for (h, c, _), a in zip(rows, answers)], return_tensors="pt", padding=True).to(device)
+            full = tokenizer([prompt(h, c) + a for (h, c, _), a in zip(rows, answers)], return_tensors="pt",
+                             padding=True).to(device)
             labels = full.input_ids.clone()
             labels[full.attention_mask == 0] = -100
             for i, a in enumerate(answers):
@@ -258,7 +259,7 @@ def run_worker(system, args, history, candidates):
                "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device,
                "--dtype", args.dtype, "--attn", args.attn]
     run = subprocess.run(command, capture_output=True, text=True)
-    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((out for out in run.stdout.splitlines() if out.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{system} failed:\n{run.stderr[-3000:]}")
     print(f"measured {system} ({history} x {candidates})", file=sys.stderr, flush=True)
@@ -272,7 +273,8 @@ def grid(args):
         history, candidates = map(int, cell.split("x"))
         for system in args.systems.split(","):
             results.append(run_worker(system, args, history, candidates))
-    print("| system | history | candidates | tokens/ex | infer b1 p50 ms | b32 p50 ms/user | train ex/s |\n|---|---|---|---|---|---|---|")
+    print("| system | history | candidates | tokens/ex | infer b1 p50 ms | b32 p50 ms/user | train ex/s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['system']} | {r['history']} | {r['candidates']} | {r['tokens_per_example']} | "
               f"{1e3 * r['infer_b1_p50_s']:.1f} | {1e3 * r['infer_b32_p50_s']:.2f} | {r['train_examples_per_s']:.1f} |")
@@ -309,11 +311,16 @@ def main():
               "% of LLaRA b1", "% of LLaRA b32", "train mem +MB", "% of LLaRA")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, r in results.items():
-        ratio = lambda key, pct=True: (f"{100 * r[key] / ref[key]:.1f}%" if pct else f"{r[key] / ref[key]:.1f}x") if ref else "-"  # noqa: E731
-        print(f"| {name} | {r['tokens_per_example']} | {r['train_examples_per_s']:.1f} | {ratio('train_examples_per_s', False)} | "
+        def ratio(key, pct=True, r=r):
+            if not ref:
+                return "-"
+            return f"{100 * r[key] / ref[key]:.1f}%" if pct else f"{r[key] / ref[key]:.1f}x"
+        print(f"| {name} | {r['tokens_per_example']} | {r['train_examples_per_s']:.1f} | "
+              f"{ratio('train_examples_per_s', False)} | "
               f"{1e3 * r['infer_b1_p50_s']:.1f} | {1e3 * r['infer_b1_p95_s']:.1f} | {1e3 * r['infer_b32_p50_s']:.2f} | "
               f"{1e3 * r['infer_b32_p95_s']:.2f} | {ratio('infer_b1_p50_s')} | {ratio('infer_b32_p50_s')} | "
-              f"{r['peak_train_rss_growth_mb']} | {ratio('peak_train_rss_growth_mb') if ref and ref['peak_train_rss_growth_mb'] > 0 else '-'} |")
+              f"{r['peak_train_rss_growth_mb']} | "
+              f"{ratio('peak_train_rss_growth_mb') if ref and ref['peak_train_rss_growth_mb'] > 0 else '-'} |")
     if ref:
         print(f"\nLLaRA-style ValidRatio (generated title matches a candidate): batch 1 {ref['valid_ratio_b1']:.2f}, "
               f"batch 32 {ref['valid_ratio_b32']:.2f}; Speeder's is 1 by construction.")

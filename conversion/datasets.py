@@ -342,7 +342,8 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
         sequences.setdefault(user, []).append(item)
     ids = sorted({r[1] for r in rows})
     titles = {i: str(metadata[i].get("title") or "") for i in ids}
-    texts = {i: " ".join([titles[i], *map(str, metadata[i].get("features") or []), *map(str, metadata[i].get("description") or [])]).strip()
+    texts = {i: " ".join([titles[i], *map(str, metadata[i].get("features") or []),
+                          *map(str, metadata[i].get("description") or [])]).strip()
              for i in ids}
     images = {}
     for i in ids:

@@ -56,7 +56,8 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
         pipeline_tag=None, model_name=repo_id.split("/")[-1], eval_results=eval_results or None,
     )
     dims = config.get("modality_dims", {})
-    modalities = [m for m in ("text", "image", "id") if m in dims] + (["id (learned table)"] if config.get("learned_id_dim") else [])
+    modalities = [m for m in ("text", "image", "id") if m in dims]
+    modalities += ["id (learned table)"] if config.get("learned_id_dim") else []
     items = processor.get("item_ids", [])
     stats = dataset_stats or {}
     training_data = (f"{dataset_name or 'A custom dataset'}: {stats.get('users', '?')} users, {stats.get('items', len(items))} "
@@ -71,7 +72,8 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
         example_item_a=items[0] if items else "item-a", example_item_b=items[1] if len(items) > 1 else "item-b",
         example_item_c=items[2] if len(items) > 2 else "item-c", training_data=training_data,
         mpo_stages=config.get("mpo_stages", []), protocol=PROTOCOL, metrics=metrics,
-        extra_limitations="" if base_model else "- This checkpoint's backbone is not pretrained: it demonstrates the package, it is not a production recommender.",
+        extra_limitations="" if base_model else ("- This checkpoint's backbone is not pretrained: it demonstrates the package, "
+                                                 "it is not a production recommender."),
     )
 
 
@@ -80,8 +82,9 @@ def push_checkpoint(model_dir: str | os.PathLike, repo_id: str, card: ModelCard 
                     commit_message: str = "Upload Speeder checkpoint", api: HfApi | None = None):
     """Push a saved checkpoint as ONE commit: safetensors weights (sharded above `max_shard_size`), config with
     `auto_map`, the remote-code files, processor, tokenizer, catalog and feature bank, and the model card."""
-    import modeling_speeder  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModel, AutoProcessor
+
+    import modeling_speeder  # noqa: F401  (registers the Auto classes)
 
     api = api or HfApi()
     model = AutoModel.from_pretrained(model_dir)

@@ -366,7 +366,8 @@ def main(argv=None):
     p.set_defaults(run=features)
     p = commands.add_parser("build", help="base LLM + dataset -> Speeder checkpoint and processor")
     p.add_argument("--data", required=True)
-    p.add_argument("--backbone", required=True, help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
+    p.add_argument("--backbone", required=True,
+                   help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
     p.add_argument("--output", required=True)
     p.add_argument("--tokens-per-item", type=POSITIVE_INT, default=1)
     p.add_argument("--max-history", type=POSITIVE_INT, default=50)
@@ -384,7 +385,8 @@ def main(argv=None):
     p.add_argument("--output", default="outputs/train")
     p.add_argument("--epochs", type=POSITIVE_FLOAT, default=30, help="most epochs; early stopping on validation ends sooner")
     p.add_argument("--steps", type=POSITIVE_INT, default=None, help="a fixed budget of optimiser steps instead of --epochs")
-    p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3, help="evaluations without validation gain before stopping (0: never)")
+    p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3,
+                   help="evaluations without validation gain before stopping (0: never)")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--grad-accum", type=POSITIVE_INT, default=1)
@@ -441,7 +443,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific", "beauty"],
                    help="auto: scientific when ../shared/data has it, else MovieLens-100k from the recbole wheel")
     p.add_argument("--output", default="outputs/demo", help="folder for data, checkpoint, report.json and plots")
-    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=40, help="most Speeder epochs; early stopping on validation ends sooner")
+    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=40,
+                   help="most Speeder epochs; early stopping on validation ends sooner")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training windows per step")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
     p.add_argument("--max-history", type=POSITIVE_INT, default=50, help="history items in the prompt (SASRec keeps 50 too)")

@@ -13,10 +13,11 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 MODALITIES = ("text", "image", "id")
 
 # Default MPO schedule (DESIGN.md section 6): text first, then image ramped in, then collaborative ramped in.
+_ALL_GROUPS = ["experts", "gate", "spae", "heads", "backbone"]
 DEFAULT_MPO_STAGES = [
-    {"modalities": ["text"], "share": 0.34, "ramp": 0.0, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
-    {"modalities": ["text", "image"], "share": 0.33, "ramp": 0.5, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
-    {"modalities": ["text", "image", "id"], "share": 0.33, "ramp": 0.5, "trainable": ["experts", "gate", "spae", "heads", "backbone"]},
+    {"modalities": ["text"], "share": 0.34, "ramp": 0.0, "trainable": _ALL_GROUPS},
+    {"modalities": ["text", "image"], "share": 0.33, "ramp": 0.5, "trainable": _ALL_GROUPS},
+    {"modalities": ["text", "image", "id"], "share": 0.33, "ramp": 0.5, "trainable": _ALL_GROUPS},
 ]
 
 

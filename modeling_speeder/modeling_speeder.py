@@ -31,7 +31,8 @@ from transformers.masking_utils import (
 )
 from transformers.utils import ModelOutput
 
-from .configuration_speeder import MODALITIES, SpeederConfig
+from .configuration_speeder import SpeederConfig
+
 
 def candidate_isolation_mask_function(segment_ids: torch.Tensor):
     """Mask rule: a token sees the shared prompt (segment 0) and its own candidate's tokens, never other candidates.
@@ -640,7 +641,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             catalog_loss = self.config.catalog_loss_weight * dense_loss
             loss = catalog_loss if loss is None else loss + catalog_loss
         elif wants_catalog_loss:
-            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels, ignore_index=-100)
+            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels)
             loss = catalog_loss if loss is None else loss + catalog_loss
 
         return SpeederRecommendationOutput(
@@ -756,7 +757,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             hist = histories[start : start + batch_size]
             cands = None if candidates is None else candidates[start : start + batch_size]
             in_prompt = not self.ranks_candidates_with_catalog_head
-            inputs = processor(histories=hist, candidates=cands, candidates_in_prompt=in_prompt, return_tensors="pt").to(self.device)
+            inputs = processor(histories=hist, candidates=cands, candidates_in_prompt=in_prompt).to(self.device)
             out = self(**inputs)
             if cands is not None:
                 candidate_rows, candidate_scores = inputs["candidate_item_index"], out.candidate_scores

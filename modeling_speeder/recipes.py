@@ -18,7 +18,6 @@ from .conversion.datasets import (
     write_canonical,
 )
 from .conversion.features import collaborative_features, encode_texts
-from .processing.collator import SpeederDataCollator
 from .evaluation import (
     exclude_history,
     popularity_baseline,
@@ -28,6 +27,7 @@ from .evaluation import (
     training_item_counts,
     training_windows,
 )
+from .processing.collator import SpeederDataCollator
 from .training import SpeederMPOCallback, StopOnNonFiniteLoss, compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,10 @@ def prepare_dataset(name: str, output: Path) -> dict:
     if name == "scientific":
         splits, items, features = convert_unisrec(source, "Scientific")
     else:
-        splits, items = convert_recbole(movielens_100k_path(), "ml-100k") if name == "ml-100k" else convert_s3rec(source, "Beauty")
+        if name == "ml-100k":
+            splits, items = convert_recbole(movielens_100k_path(), "ml-100k")
+        else:
+            splits, items = convert_s3rec(source, "Beauty")
         texts = [f"{title}. {text}" if text else title for title, text in zip(items["title"], items["text"])]
         text, _ = encode_texts(texts if name == "beauty" else items["text"])
         features = {"text": text}
@@ -234,7 +237,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "epochs": round(trainer.state.global_step / steps_per_epoch, 2), "training_rows": len(train_rows),
               "best_checkpoint": trainer.state.best_model_checkpoint,
               "best_validation_ndcg@10": trainer.state.best_metric,
-              "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps / train_seconds, 1),
+              "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
+                                           / train_seconds, 1),
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
               "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}

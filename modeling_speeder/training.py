@@ -45,8 +45,9 @@ class SpeederMPOCallback(TrainerCallback):
 
     Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
     the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (the
-    model's `parameter_groups`; a group naming no parameter of the model is an error). The stage follows from `global_step`, so a resumed run continues in the right stage; under
-    PEFT only parameters that were trainable at the start are ever switched on. Stages that add a modality the
+    model's `parameter_groups`; an unknown group is an error). The stage follows from `global_step`, so a resumed
+    run continues in the right stage; under PEFT only parameters that were trainable at the start are ever switched
+    on. Stages that add a modality the
     model has no features for are skipped with a warning.
     """
 
@@ -66,9 +67,11 @@ class SpeederMPOCallback(TrainerCallback):
         for i, stage in enumerate(stages):
             wanted = set(stage["modalities"])
             if (wanted - previous) and not (wanted - previous) & have:
-                logger.warning("MPO stage %d adds %s, for which this model has no features: skipped", i, sorted(wanted - previous))
+                logger.warning("MPO stage %d adds %s, for which this model has no features: skipped", i,
+                               sorted(wanted - previous))
                 continue
-            kept.append(dict(stage, index=i, modalities=[m for m in stage["modalities"] if m in have], new=sorted((wanted - previous) & have)))
+            kept.append(dict(stage, index=i, modalities=[m for m in stage["modalities"] if m in have],
+                             new=sorted((wanted - previous) & have)))
             previous = wanted
         if not kept:
             raise ValueError(f"No MPO stage uses this model's modalities {sorted(have)}")

@@ -35,7 +35,8 @@ class SpeederDataCollator:
         seen = {str(i) for i in history} | {str(target)}
         n = self.processor.num_items
         if n - len(seen) < self.num_negatives:
-            raise ValueError(f"Catalog of {n} items is too small for {self.num_negatives} negatives outside a history of {len(seen)}")
+            raise ValueError(f"Catalog of {n} items is too small for {self.num_negatives} negatives outside a history "
+                             f"of {len(seen)}")
         negatives = []
         while len(negatives) < self.num_negatives:
             for row in self._rng.integers(0, n, size=2 * self.num_negatives):

@@ -15,7 +15,6 @@ from tokenizers import AddedToken
 from transformers import BatchEncoding
 from transformers.processing_utils import ProcessorMixin
 
-
 DEFAULT_PROMPT_PREFIX = "A user interacted with these items, oldest first:"
 DEFAULT_PROMPT_BRIDGE = ". The item they interact with next is"
 
@@ -212,7 +211,8 @@ class SpeederProcessor(ProcessorMixin):
                 # Positions dropped by truncation shift the first labelled one.
                 first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - (len(history) - len(hist)))
                 token_labels = [-100] * len(rows[-1][0])
-                item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3])) if row >= 0 and 0 <= r < self.max_history]
+                item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3]))
+                               if row >= 0 and 0 <= r < self.max_history]
                 # Each history item predicts the next one; the item after the whole history (the target) is predicted
                 # by the query token, the state inference reads, so the served position is trained too.
                 predictor = [item_tokens[(j + 1) * self.tokens_per_item - 1] for j in range(len(hist) - 1)]

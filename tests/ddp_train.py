@@ -12,7 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 

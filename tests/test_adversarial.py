@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CANDIDATES, HISTORIES, make_tiny
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+from conftest import CANDIDATES, HISTORIES, make_tiny
 
 
 def _saved(tmp_path, **kwargs):

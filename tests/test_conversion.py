@@ -11,7 +11,12 @@ from datasets import Dataset
 
 from modeling_speeder.cli import main as cli
 from modeling_speeder.conversion.datasets import (
-    convert_amazon2023, convert_csv, convert_lcrec, convert_s3rec, load_canonical, write_canonical,
+    convert_amazon2023,
+    convert_csv,
+    convert_lcrec,
+    convert_s3rec,
+    load_canonical,
+    write_canonical,
 )
 
 ITEMS = [f"I{i}" for i in range(30)]

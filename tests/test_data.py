@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from modeling_speeder.conversion.datasets import (
-    convert_recbole, convert_unisrec, leave_one_out, load_canonical, write_canonical,
+    convert_recbole,
+    convert_unisrec,
+    leave_one_out,
+    load_canonical,
+    write_canonical,
 )
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,8 +31,8 @@ def recbole_dir(tmp_path):
         for item, t in [("a", 10), ("b", 20), ("c", 20), ("d", 30), (f"x{u}", 40)]:
             rows.append(f"{u}\t{item}\t4\t{t}")
     write(tmp_path / "toy.inter", "\n".join(rows) + "\n")
-    items = ["item_id:token\tmovie_title:token_seq\tclass:token_seq"] + [f"{i}\tTitle {i}\tDrama" for i in
-                                                                          ["a", "b", "c", "d"] + [f"x{u}" for u in range(1, 6)] + [f"n{j}" for j in range(30)]]
+    names = ["a", "b", "c", "d"] + [f"x{u}" for u in range(1, 6)] + [f"n{j}" for j in range(30)]
+    items = ["item_id:token\tmovie_title:token_seq\tclass:token_seq"] + [f"{i}\tTitle {i}\tDrama" for i in names]
     write(tmp_path / "toy.item", "\n".join(items) + "\n")
     return tmp_path
 

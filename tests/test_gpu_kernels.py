@@ -51,7 +51,7 @@ def test_fast_path_equals_eager(family, impl, scoring, dtype):
     assert grads.keys() == ref_grads.keys()
     scale = max(g.abs().max() for g in ref_grads.values())  # one scale: some gradients are exactly 0 (head bias)
     for name in grads:
-        torch.testing.assert_close(grads[name] / scale, ref_grads[name] / scale, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name] / scale, ref_grads[name] / scale, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # Seen on an H200 with torch 2.11 (2026-11-27): Inductor finds no flex_attention kernel for these tiny packed rows

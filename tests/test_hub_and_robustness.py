@@ -13,11 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import AutoModel, AutoProcessor
 
 from conftest import CANDIDATES, HISTORIES, make_tiny
 from modeling_speeder import SpeederConfig, SpeederProcessor
 from modeling_speeder.conversion.build import make_word_tokenizer
-from transformers import AutoModel, AutoProcessor
 
 PACKAGE_DIRS = [Path(__file__).resolve().parents[1] / d for d in ("modeling_speeder", "processing", "conversion")]
 
@@ -258,10 +258,8 @@ def test_card_goes_to_the_checkpoint_and_never_overwrites_a_foreign_file(tmp_pat
 
 
 def test_builds_are_seeded():
-    from conftest import make_catalog_features
-
+    from conftest import BACKBONES, ITEM_IDS, PROMPT_TEXT, make_catalog_features
     from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer
-    from conftest import BACKBONES, ITEM_IDS, PROMPT_TEXT
 
     states = []
     for _ in range(2):

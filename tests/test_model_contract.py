@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from transformers import AutoModel, AutoProcessor
 
 from conftest import CANDIDATES, HISTORIES, TARGETS, make_tiny
 from modeling_speeder import SpeederForSequentialRecommendation, SpeederProcessor, SpeederRecommendationOutput
-from transformers import AutoModel, AutoProcessor
 
 
 def test_forward_backward(family):
@@ -96,7 +96,8 @@ def test_prefix_cache_path_matches_mask_path(family):
         model.zero_grad()
         out = model(**inputs, candidate_scoring=path)
         out.loss.backward()
-        grads.append((out.candidate_scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append((out.candidate_scores.detach(),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref_scores, ref_grads), (fast_scores, fast_grads) = grads
     torch.testing.assert_close(fast_scores, ref_scores, rtol=0, atol=1e-5)
     assert ref_grads.keys() == fast_grads.keys()

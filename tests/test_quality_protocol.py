@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import HISTORIES, make_tiny
 from datasets import Dataset, DatasetDict
 
+from conftest import HISTORIES, make_tiny
 from modeling_speeder.evaluation import (
     bucketed,
     exclude_history,
@@ -28,7 +28,8 @@ def test_training_windows_predict_every_target_exactly_once(length, max_length, 
     sequence = list(range(100, 100 + length))
     predicted = []
     for window, first_labeled in training_windows(sequence, max_length, stride):
-        assert len(window) <= max_length + 1 and window == sequence[sequence.index(window[0]) : sequence.index(window[0]) + len(window)]
+        start = sequence.index(window[0])
+        assert len(window) <= max_length + 1 and window == sequence[start : start + len(window)]
         assert 0 <= first_labeled < len(window) - 1
         predicted += window[first_labeled + 1 :]
         if window[0] != sequence[0]:  # a later window: its labelled predictions see at least max_length - stride items

@@ -134,7 +134,8 @@ def make_trainer(model, processor, tmp_path, max_steps, **kwargs):
                              learning_rate=3e-3, save_steps=max_steps // 2, logging_steps=1, report_to=[],
                              remove_unused_columns=False, label_names=["labels", "catalog_labels"], use_cpu=True,
                              disable_tqdm=True, seed=0, **kwargs)
-    return Trainer(model=model, args=args, train_dataset=toy_rows(), data_collator=SpeederDataCollator(processor, num_negatives=5),
+    return Trainer(model=model, args=args, train_dataset=toy_rows(),
+                   data_collator=SpeederDataCollator(processor, num_negatives=5),
                    processing_class=processor, callbacks=[SpeederMPOCallback()])
 
 
