@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,32 @@ def leave_one_out(
     return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
 
 
+# What write_canonical and `speeder features` put in a dataset folder: the only names a replaced folder may hold.
+CANONICAL_FILES = {f"{split}.parquet" for split in SPLITS} | {"items.parquet", "features.safetensors", "stats.json",
+                                                               ".feature_cache"}
+
+
+def check_replaceable(output: Path, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()):
+    """Raise unless writing the dataset folder `output` can only replace a dataset folder (see write_canonical)."""
+    target = output.resolve()
+    for source in inputs:
+        if source and (Path(source).resolve() == target or target in Path(source).resolve().parents):
+            raise ValueError(f"The output folder {output} holds the input {source}: replacing it would delete the "
+                             "input. Choose another output folder")
+    if not output.exists() and not output.is_symlink():
+        return
+    if not output.is_dir():
+        raise FileExistsError(f"{output} exists and is not a folder: choose another output folder")
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in CANONICAL_FILES)
+    written_by_us = (output / "stats.json").exists() and (output / "items.parquet").exists()
+    if (foreign or not written_by_us) and not overwrite:
+        raise FileExistsError(
+            f"{output} exists and is not a dataset folder written by speeder (it holds {foreign[:5]}"
+            f"{' ...' if len(foreign) > 5 else ''}): it would be replaced as a whole. Choose another output folder, "
+            "or pass --overwrite (overwrite=True) to replace it"
+        )
+
+
 def write_canonical(
     output: str | os.PathLike,
     splits: DatasetDict,
@@ -69,9 +95,14 @@ def write_canonical(
     features: Mapping[str, torch.Tensor] | None = None,
     presence: Mapping[str, torch.Tensor] | None = None,
     source: str = "",
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> dict:
-    """Write the canonical folder atomically: a failed run leaves any earlier output intact."""
+    """Write the canonical folder atomically: a failed run leaves any earlier output intact. An existing `output` is
+    replaced only when it is a dataset folder this package wrote (nothing else in it), or with `overwrite`; never when
+    it holds one of the `inputs` (the files being converted)."""
     output = Path(output)
+    check_replaceable(output, overwrite, inputs)
     n = len(items["item_id"])
     if len(set(items["item_id"])) != n:
         dupes = sorted({i for i in items["item_id"] if items["item_id"].count(i) > 1})

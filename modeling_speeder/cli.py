@@ -142,7 +142,8 @@ def convert(args):
         splits, items = ds.convert_amazon2023(args.input, args.meta, k_core=args.k_core, **split)
     else:
         splits, items = ds.convert_csv(args.input, args.items, **split)
-    stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}")
+    stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}",
+                               overwrite=args.overwrite, inputs=[p for p in (args.input, args.meta, args.items) if p])
     stats["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(stats, indent=2))
 
@@ -355,6 +356,8 @@ def main(argv=None):
     p.add_argument("--negatives", type=POSITIVE_INT, default=19)
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even if it is not a dataset folder written by speeder (never one holding the input)")
     p.set_defaults(run=convert)
     p = commands.add_parser("features", help="item features with frozen encoders -> <data>/features.safetensors")
     p.add_argument("--data", required=True)

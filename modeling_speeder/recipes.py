@@ -28,7 +28,7 @@ from .evaluation import (
     training_windows,
 )
 from .processing.collator import SpeederDataCollator
-from .training import SpeederMPOCallback, StopOnNonFiniteLoss, compute_metrics
+from .training import SpeederMPOCallback, StopOnNonFiniteLoss, compute_metrics, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -220,9 +220,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     )
     checkpoint = None
     if resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
+        checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
     start = time.perf_counter()

@@ -13,6 +13,25 @@ logger = logging.getLogger(__name__)
 # `evaluate.load(EVALUATE_MODULE)` gives the same metrics as an `evaluate` module, loaded by path (no hub).
 EVALUATE_MODULE = str(Path(__file__).parent / "metrics" / "speeder_ranking")
 
+def last_complete_checkpoint(folder) -> str | None:
+    """The newest `checkpoint-N` folder in `folder` that a resume can use: the Trainer writes `trainer_state.json`
+    last, so a checkpoint killed mid-write lacks it (or its weights). Skipped ones are logged with the reason."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(folder)
+    found = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()), reverse=True)
+    for _, path in found:
+        missing = [name for name in ("trainer_state.json",) if not (path / name).exists()]
+        if not any(path.glob("*.safetensors")):
+            missing.append("model weights (*.safetensors)")
+        if not missing:
+            return str(path)
+        logger.warning("Not resuming from %s: it is incomplete (no %s), probably killed while being written",
+                       path, ", ".join(missing))
+    return None
+
+
 def compute_metrics(eval_pred) -> dict:
     """For `Trainer(compute_metrics=...)`: predictions are the candidate scores, the first label the targets."""
     scores = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
@@ -133,5 +152,6 @@ __all__ = [
     "SpeederMPOCallback",
     "StopOnNonFiniteLoss",
     "compute_metrics",
+    "last_complete_checkpoint",
     "ranking_metrics",
 ]

@@ -227,3 +227,32 @@ def test_smollm2_checkpoint_saves_reloads_and_trains(tmp_path):
                                                  report_to=[], remove_unused_columns=False, use_cpu=True,
                                                  save_strategy="no"))
         assert trainer.train().training_loss > 0
+
+
+def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """`speeder convert --output` replaces a folder as a whole: it refuses a project folder (and never deletes its own
+    input, even with --overwrite), and replaces a dataset folder it wrote."""
+    from modeling_speeder.cli import main as cli
+
+    raw, project = tmp_path / "raw", tmp_path / "project"
+    raw.mkdir(), project.mkdir()
+    with open(raw / "interactions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp"])
+        for u, s in sequences(n_users=30, length=8).items():
+            w.writerows([u, i, j] for j, i in enumerate(s))
+    (project / "notes.txt").write_text("mine")
+    convert = ["convert", "--format", "csv", "--input", str(raw / "interactions.csv"), "--negatives", "5"]
+    with pytest.raises(FileExistsError, match="not a dataset folder written by speeder"):
+        cli(convert + ["--output", str(project)])
+    assert [p.name for p in project.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="holds the input"):
+        cli(convert + ["--output", str(raw), "--overwrite"])
+    assert [p.name for p in raw.iterdir()] == ["interactions.csv"]
+    cli(convert + ["--output", str(tmp_path / "data")])
+    cli(convert + ["--output", str(tmp_path / "data")])  # its own folder: replaced without a flag
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "old.txt").write_text("replace me")
+    cli(convert + ["--output", str(other), "--overwrite"])
+    assert not (other / "old.txt").exists() and (other / "stats.json").exists()

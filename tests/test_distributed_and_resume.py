@@ -18,11 +18,11 @@ def test_two_processes_match_one(tmp_path):
     """2 processes x batch 8 (gloo DDP) follow the same loss curve as 1 process x batch 16, and reach the same metrics."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, str(TESTS / "ddp_train.py"), str(tmp_path / "one.json"), "16", "3"],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                           str(TESTS / "ddp_train.py"), str(tmp_path / "two.json"), "8", "3"],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (a["world_size"], b["world_size"]) == (1, 2)
@@ -50,8 +50,8 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     checkpoints = tmp_path / "run" / "trainer"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    # Waits on progress (a complete checkpoint, or the process ending), not on a clock a slow machine could miss.
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
         if process.poll() is not None:
             pytest.fail(f"training ended before the first checkpoint: {process.stderr.read()[-2000:]}")
         time.sleep(0.2)
@@ -60,8 +60,14 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     assert not (tmp_path / "run" / "model").exists(), "the run was killed before it finished"
     killed_at = max(int(p.parent.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*/trainer_state.json"))
     assert killed_at < 300
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=900, env=env)
+    # A later checkpoint killed while being written (weights, no trainer_state.json) must be skipped, not fail forever.
+    torn = checkpoints / f"checkpoint-{killed_at + 20}"
+    torn.mkdir(exist_ok=True)
+    (torn / "model.safetensors").write_bytes(b"")
+    (torn / "trainer_state.json").unlink(missing_ok=True)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Not resuming from {torn}: it is incomplete (no trainer_state.json)" in resumed.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 300 and "test" in report
     assert report["resumed_from"].endswith(f"checkpoint-{killed_at}")
