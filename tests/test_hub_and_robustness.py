@@ -271,3 +271,28 @@ def test_builds_are_seeded():
         assert model.config.build_seed == 3
     for key, value in states[0].items():
         torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_sequential_recommendation_pipeline(tmp_path):
+    """pipeline("sequential-recommendation", model=PATH) loads model and processor and ranks as recommend() does."""
+    from transformers import pipeline
+
+    def same(got, expected):  # one history at a time vs batched: identical ranking, scores within float rounding
+        assert [g["item_ids"] for g in got] == [e["item_ids"] for e in expected]
+        for g, e in zip(got, expected):
+            assert g["scores"] == pytest.approx(e["scores"], abs=1e-6)
+
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    recommender = pipeline("sequential-recommendation", model=str(tmp_path / "ckpt"), device="cpu")
+    expected = model.recommend(HISTORIES, top_k=5, processor=processor)
+    same(recommender(HISTORIES, top_k=5), expected)
+    same([recommender(HISTORIES[0], top_k=5)], expected[:1])
+    ranked = recommender({"history": HISTORIES[1], "candidates": CANDIDATES[1]}, top_k=2)
+    same([ranked], model.recommend([HISTORIES[1]], candidates=[CANDIDATES[1]], top_k=2, processor=processor))
+    same([recommender(HISTORIES[1], candidates=CANDIDATES[1], top_k=2)], [ranked])
+    with pytest.raises(ValueError, match="a history"):
+        recommender("item1")
+    with pytest.raises((ValueError, KeyError), match="item0x"):
+        recommender(["item0x"])
