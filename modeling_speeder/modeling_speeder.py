@@ -455,19 +455,22 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             f"an item index is outside this checkpoint's catalog of {n_items} items: the processor does not match the model",
         )
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, H)
-        flat_index = item_token_index[is_item]  # (n_occ * K,) = item * K + k, K consecutive tokens per occurrence
+        # Fixed shapes, no boolean indexing, so the forward compiles as one graph: every position gets an item vector
+        # (item row 0 where there is none) and torch.where keeps those of the placeholders.
+        token_index = item_token_index.clamp(min=0)  # (B, T) item * K + k
         if not self.training and modality_mask is None and self.item_cache_is_current():
-            item_vectors = self._item_cache.flatten(0, 1)[flat_index]
+            item_vectors = self._item_cache.flatten(0, 1)[token_index]  # (B, T, H)
         else:
-            starts = flat_index[::k]  # one row per item occurrence
-            active = self.active_modalities
+            active = self.active_modalities.expand(*token_index.shape, -1)  # (B, T, M)
             if modality_mask is not None:  # per-example MPO ramp, drawn by the data collator: (num_examples, M)
-                active = active & modality_mask[example_of_token[is_item][::k]]
-            item_vectors = self.mrc(starts // k, active)[0].flatten(0, 1)  # (n_occ * K, H)
+                active = active & modality_mask[example_of_token]
+            tokens = self.mrc((token_index // k).flatten(), active.flatten(0, 1))[0]  # (B * T, K, H)
+            which = (token_index % k).view(-1, 1, 1).expand(-1, 1, tokens.shape[-1])  # each position's k of K
+            item_vectors = tokens.gather(1, which).view(*token_index.shape, -1)  # (B, T, H)
         if self.recency_embedding is not None:
-            item_vectors = item_vectors + self.recency_embedding(recency_index[is_item])
+            item_vectors = item_vectors + self.recency_embedding(recency_index.clamp(min=0))
         item_vectors = F.dropout(item_vectors, self.config.item_dropout, self.training)
-        return embeds.masked_scatter(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype))
+        return torch.where(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype), embeds)
 
     def _attention_masks(self, embeds, attention_mask, rule, virtual_index):
         """Masks in the backbone's attention-backend format for `rule` (candidate isolation, or packed-sequence
@@ -614,9 +617,13 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             last = out.last_hidden_state  # (B, T, H)
             if dense_catalog_labels is not None:
                 # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
-                keep = dense_catalog_labels >= 0
-                dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
-                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
+                if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
+                    dense_scores = self.catalog_logits(last.flatten(0, 1))  # (B * T, N)
+                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), ignore_index=-100)
+                else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
+                    keep = dense_catalog_labels >= 0
+                    dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
+                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
             query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
             if in_prompt:
                 cand_hidden = last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))  # (B, C, H)
