@@ -114,14 +114,14 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
 def dense_training_rows(splits, max_history: int, stride: int | None = None):
     """Rows for dense catalog training that cover every training target of every user once per epoch: each user's
     training sequence (the validation history) cut into overlapping windows of at most `max_history` items
-    (`training_windows`); `first_labeled` marks where a window's labels start (earlier items are context only).
-    Validation and test targets are never in a row."""
+    (`training_windows`); `first_labeled` marks where a window's labels start (earlier items are context only), and
+    `length` is the history length (for length-grouped batches). Validation and test targets are never in a row."""
     from datasets import Dataset
 
-    rows = {"user_id": [], "history": [], "target": [], "candidates": [], "first_labeled": []}
+    rows = {"user_id": [], "history": [], "target": [], "candidates": [], "first_labeled": [], "length": []}
     for user, history in zip(splits["validation"]["user_id"], splits["validation"]["history"]):
         for window, first_labeled in training_windows(history, max_history, stride):
-            for key, value in zip(rows, (user, window[:-1], window[-1], [], first_labeled)):
+            for key, value in zip(rows, (user, window[:-1], window[-1], [], first_labeled, len(window) - 1)):
                 rows[key].append(value)
     return Dataset.from_dict(rows)
 
@@ -197,6 +197,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs (and StopOnNonFiniteLoss), not be averaged away
+        # Dense windows vary in length (most Amazon histories are short): batches of similar lengths pad less.
+        train_sampling_strategy="group_by_length" if dense else "random",
     )
     stages = None
     if mpo and not fixed_budget:
@@ -210,10 +212,13 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         total = max_steps if fixed_budget else int(epochs * steps_per_epoch)
         defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
     args = TrainingArguments(**{**defaults, **training_kwargs})  # any TrainingArguments field may be overridden
+    selection = select(splits["validation"], selection_rows)
+    if args.train_sampling_strategy == "group_by_length":  # the Trainer groups evaluation batches too
+        selection = selection.add_column("length", [len(h) for h in selection["history"]])
     divergence = StopOnNonFiniteLoss()
     callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=select(splits["validation"], selection_rows),
+        model=model, args=args, train_dataset=train_rows, eval_dataset=selection,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,

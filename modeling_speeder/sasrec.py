@@ -11,6 +11,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .evaluation import (
     exclude_history,
@@ -105,11 +106,15 @@ def train_sasrec(sequences: list[list[int]], num_items: int, epochs: int = 200, 
     windows = [w for s in sequences for w in training_windows(s, model.config.max_length)]
     record = {"epochs": [], "best_epoch": None, "best_validation_ndcg@10": None, "windows": len(windows)}
     best_state, stale, start = None, 0, time.perf_counter()
+    lengths = [len(w) - 1 for w, _ in windows]
     for epoch in tqdm(range(epochs), desc="SASRec", unit="epoch"):
         model.train()
-        order = rng.permutation(len(windows))
-        for b in range(0, len(order), batch_size):
-            rows = [windows[i] for i in order[b : b + batch_size]]
+        # Batches of similar window lengths (transformers' sampler: shuffled megabatches sorted by length), so short
+        # histories are not padded to the longest one; batch order shuffled.
+        order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed + epoch)))
+        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+        for batch in (batches[i] for i in rng.permutation(len(batches))):
+            rows = [windows[i] for i in batch]
             inputs = _pad([w[:-1] for w, _ in rows])
             labels = torch.full_like(inputs, -100)
             for i, (w, first_labeled) in enumerate(rows):

@@ -58,7 +58,7 @@ def test_dense_rows_cover_long_histories_without_validation_or_test_targets():
         for item in window:
             assert seq.index(item) < len(seq) - 2, f"{item} is a validation or test target"
         covered[row["user_id"]] += window[row["first_labeled"] + 1 :]
-        assert len(row["history"]) <= 20
+        assert len(row["history"]) <= 20 and row["length"] == len(row["history"]), "lengths for grouped batches"
     for user, seq in sequences.items():
         assert covered[user] == seq[1:-2], "every training target of every user, once"
     # The processor turns `first_labeled` into labels on exactly the predictions that count.
