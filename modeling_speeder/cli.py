@@ -241,9 +241,8 @@ def train_command(args):
     set_seed(args.seed)  # the model's initial weights too, not only the Trainer's data order: a rerun is the same run
     splits, items, feats, presence = load_canonical(args.data)
     if args.model:
-        from transformers import AutoModel, AutoProcessor
 
-        model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+        model, processor = load_checkpoint(args.model)
         model.check_processor(processor)
     else:
         wanted = set(args.modalities.split(",")) if args.modalities else None
@@ -282,13 +281,11 @@ def evaluate_command(args):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pathlib import Path
 
-    from transformers import AutoModel, AutoProcessor
-
     from . import recipes
     from .conversion.datasets import load_canonical
 
     splits, _, _, _ = load_canonical(args.data)
-    model, processor = AutoModel.from_pretrained(args.model), AutoProcessor.from_pretrained(args.model)
+    model, processor = load_checkpoint(args.model)
     model.check_processor(processor)
     from .evaluation import training_item_counts
 
@@ -297,6 +294,23 @@ def evaluate_command(args):
     recipes.write_report(Path(args.output), {args.split: metrics})
     recipes.print_metrics_table({args.split: metrics})
     print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
+
+
+def load_checkpoint(path: str):
+    """(model, processor) from a checkpoint folder or hub id, with an error that says what was looked for: a path
+    that does not exist here is reported as such, not as an invalid hub id."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoProcessor
+
+    local = Path(path)
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise FileNotFoundError(f"--model {path}: no such checkpoint folder"
+                                f"{' (it is a file)' if local.exists() else ''}; expected a folder written by "
+                                "`speeder train` / `speeder build` (or a hub id like org/name)")
+    model = AutoModel.from_pretrained(path)
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def _card(args):
@@ -333,13 +347,40 @@ def push_command(args):
     """Push a checkpoint folder and its model card to the Hub in one commit."""
     from .conversion.hub import push_checkpoint
 
-    info = push_checkpoint(args.model, args.repo, card=_card(args), max_shard_size=args.max_shard_size,
-                           private=args.private or None)
+    card = _card(args)
+    try:
+        info = push_checkpoint(args.model, args.repo, card=card, max_shard_size=args.max_shard_size,
+                               private=args.private or None)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:  # httpx / huggingface_hub network and authentication errors
+        raise OSError(f"could not push {args.model} to the Hub repository {args.repo}: {type(err).__name__}: {err}. "
+                      "Check the network (HF_HUB_OFFLINE must be unset) and your token (`hf auth login`)") from err
     print(f"pushed: {getattr(info, 'commit_url', info)}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation")
+def main(argv=None) -> int:
+    """The `speeder` command: a user error (a missing file, a bad value, a folder that is not a checkpoint) is one line,
+    `speeder <command>: error: ...`, and exit status 2; `--debug` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        run(argv)
+    except (ValueError, OSError, KeyError) as err:
+        if debug:
+            raise
+        command = next((a for a in argv if not a.startswith("-")), "")
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"speeder {command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(argv=None):
+    """Parse `argv` and run the command; errors propagate (for callers and tests)."""
+    parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation",
+                                     epilog="--debug (anywhere) shows the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("quickstart", help="build a tiny model, save, reload with AutoModel, and recommend")
     p.add_argument("--output", default="outputs/quickstart")
@@ -441,8 +482,7 @@ def main(argv=None):
             p.add_argument("--output", default=None, help="card file (default: <model>/README.md)")
             p.add_argument("--overwrite", action="store_true", help="replace a file `speeder card` did not write")
         p.set_defaults(run=run)
-    p = commands.add_parser("demo", help="convert a real dataset, train SASRec and Speeder to convergence, evaluate (no network)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = commands.add_parser("demo", help="convert a real dataset, train SASRec and Speeder to convergence, evaluate (no network)")
     p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific", "beauty"],
                    help="auto: scientific when ../shared/data has it, else MovieLens-100k from the recbole wheel")
     p.add_argument("--output", default="outputs/demo", help="folder for data, checkpoint, report.json and plots")
@@ -456,6 +496,8 @@ def main(argv=None):
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)
+    for command in commands.choices.values():  # every command's --help shows the defaults
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     args = parser.parse_args(argv)
     args = _load_config(args, commands.choices[args.command])
     required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())

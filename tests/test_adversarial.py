@@ -138,7 +138,7 @@ def test_processor_save_is_atomic(tmp_path, monkeypatch):
     (["demo", "--epochs", "abc"], "--epochs: expected a number, got 'abc'"),
 ])
 def test_cli_numbers_out_of_range_are_refused_with_the_value(argv, message, capsys):
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     with pytest.raises(SystemExit):
         cli(argv)
@@ -180,3 +180,24 @@ def test_a_damaged_feature_bank_is_refused_on_load(tmp_path, damage):
                 "missing_tensor": "lacks its feature bank tensors.*features_image"}[damage]
     with pytest.raises((ValueError, OSError), match=expected):
         AutoModel.from_pretrained(ckpt)
+
+
+def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    """`speeder` reports a user error as one line naming what was expected and exits 2; --debug re-raises."""
+    from modeling_speeder.cli import main
+
+    missing = str(tmp_path / "no-such-dataset")
+    assert main(["train", "--data", missing, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("speeder train: error:") and "no-such-dataset" in err and "\n" not in err
+    with pytest.raises((OSError, ValueError)):
+        main(["train", "--data", missing, "--output", str(tmp_path / "o"), "--debug"])
+
+
+def test_a_mistyped_model_path_says_so(tmp_path):
+    from modeling_speeder.cli import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="ckpt-typo: no such checkpoint folder"):
+        load_checkpoint(str(tmp_path / "ckpt-typo"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        load_checkpoint("outputs/demo/modle")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from modeling_speeder.cli import main as cli
+from modeling_speeder.cli import run as cli
 from modeling_speeder.conversion.datasets import (
     convert_amazon2023,
     convert_csv,
@@ -232,7 +232,7 @@ def test_smollm2_checkpoint_saves_reloads_and_trains(tmp_path):
 def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path):
     """`speeder convert --output` replaces a folder as a whole: it refuses a project folder (and never deletes its own
     input, even with --overwrite), and replaces a dataset folder it wrote."""
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     raw, project = tmp_path / "raw", tmp_path / "project"
     raw.mkdir(), project.mkdir()

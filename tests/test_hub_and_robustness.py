@@ -55,7 +55,7 @@ def fake_hub(monkeypatch, folder: Path):
 
 
 def test_push_round_trip(saved, tmp_path, monkeypatch):
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     path, scores = saved
     report = {"test": {"hr@1": 0.5, "hr@5": 0.8, "hr@10": 0.9, "ndcg@5": 0.6, "ndcg@10": 0.65, "mrr": 0.6, "valid_ratio": 1.0}}
@@ -237,7 +237,7 @@ def test_saved_folders_follow_the_umask(tmp_path):
 
 
 def test_card_goes_to_the_checkpoint_and_never_overwrites_a_foreign_file(tmp_path, monkeypatch):
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
     from modeling_speeder.conversion.hub import base_model_hub_id
 
     model, processor = make_tiny("llama")

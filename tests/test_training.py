@@ -239,7 +239,7 @@ def test_evaluate_split_full_catalog_and_buckets():
 def test_train_and_evaluate_cli_from_yaml(tmp_path):
     from test_distributed_and_resume import tiny_dataset
 
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     tiny_dataset(tmp_path / "data")
     (tmp_path / "train.yaml").write_text(
@@ -284,7 +284,7 @@ def test_dense_catalog_training_labels_and_loss():
 def test_dense_head_trains_through_the_cli(tmp_path):
     from test_distributed_and_resume import tiny_dataset
 
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     tiny_dataset(tmp_path / "data")
     cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "4", "--batch-size", "4",
@@ -316,7 +316,7 @@ def test_packed_dense_training_matches_padded_through_the_cli(tmp_path, monkeypa
     """The Trainer runs packed (padding-free) batches like padded ones: same losses step by step, same metrics."""
     from test_distributed_and_resume import tiny_dataset
 
-    from modeling_speeder.cli import main as cli
+    from modeling_speeder.cli import run as cli
 
     tiny_dataset(tmp_path / "data")
     reports, layouts_seen = {}, set()
