@@ -8,6 +8,7 @@ import importlib.util
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -80,8 +81,33 @@ def encode_texts(texts: Sequence[str], encoder: str | os.PathLike | None = None,
     return run_in_batches(len(texts), batch_size, encode, cache_dir, desc="text features")
 
 
-def load_image(ref, timeout: float = 10.0):
-    """A PIL image from a local path, raw bytes or an http(s) URL; None when it cannot be read."""
+MAX_IMAGE_BYTES = 20 * 2**20  # a product image is far smaller; anything bigger is refused, not read into memory
+
+
+def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The body of an http(s) URL, bounded in size and in total time (a slow-drip server cannot hold a run: the
+    deadline covers the whole transfer, not each socket read)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise ValueError(f"declares {int(declared)} bytes, more than the limit of {max_bytes}")
+        chunks, size = [], 0
+        while chunk := response.read1(65536):  # whatever has arrived: never blocks for a full 64 KiB
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"more than the limit of {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still transferring after {timeout}s")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES):
+    """A PIL image from a local path, raw bytes or an http(s) URL (bounded by `fetch_url`); None when it cannot be
+    read, with the reason logged."""
     from PIL import Image
 
     try:
@@ -90,10 +116,7 @@ def load_image(ref, timeout: float = 10.0):
         if isinstance(ref, (bytes, bytearray)):
             data = io.BytesIO(ref)
         elif str(ref).startswith(("http://", "https://")):
-            import urllib.request
-
-            with urllib.request.urlopen(str(ref), timeout=timeout) as response:  # noqa: S310 (http(s) only)
-                data = io.BytesIO(response.read())
+            data = io.BytesIO(fetch_url(str(ref), timeout, max_bytes))
         else:
             data = str(ref)
         return Image.open(data).convert("RGB")
@@ -131,11 +154,12 @@ def _image_embedding(model, pixel_values):
 @torch.inference_mode()
 def encode_images_with(images: Sequence, model, processor, batch_size: int = 32, cache_dir=None):
     """`encode_images` with an already loaded model and image processor."""
-    width = None
+    width, unreadable = None, 0
 
     def encode(start, end):
-        nonlocal width
+        nonlocal width, unreadable
         loaded = [load_image(ref) for ref in images[start:end]]
+        unreadable += sum(img is None and ref not in (None, "") for img, ref in zip(loaded, images[start:end]))
         present = torch.tensor([img is not None for img in loaded])
         if not present.any():
             if width is None:  # learn the embedding width from a blank image
@@ -151,7 +175,11 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
         x[present] = emb.float()
         return x, present
 
-    return run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
+    result = run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
+    if unreadable:  # counted over the batches encoded in this run (cached batches were counted when encoded)
+        logger.warning("%d item images could not be read (too large, too slow or not an image): those items have no "
+                       "image feature", unreadable)
+    return result
 
 
 def collaborative_features(train_sequences: Sequence[Sequence[int]], num_items: int, epochs: int = 200, seed: int = 0,

@@ -256,3 +256,45 @@ def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path):
     (other / "old.txt").write_text("replace me")
     cli(convert + ["--output", str(other), "--overwrite"])
     assert not (other / "old.txt").exists() and (other / "stats.json").exists()
+
+
+def test_image_fetch_is_bounded_in_size_and_time():
+    """A huge response or a slow-drip server marks the image absent instead of filling memory or holding the run."""
+    import http.server
+    import threading
+    import time
+
+    from modeling_speeder.conversion.features import fetch_url, load_image
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/huge":
+                self.send_header("Content-Length", str(500 * 2**20))
+                self.end_headers()
+            elif self.path == "/undeclared":
+                self.end_headers()
+                self.wfile.write(b"x" * 3000)
+            else:  # slow drip: one byte at a time, each well within the socket timeout
+                self.end_headers()
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ValueError, match="declares 524288000 bytes"):
+            fetch_url(base + "/huge")
+        with pytest.raises(ValueError, match="more than the limit of 1000 bytes"):
+            fetch_url(base + "/undeclared", max_bytes=1000)
+        with pytest.raises(TimeoutError, match="still transferring after 0.5s"):
+            fetch_url(base + "/drip", timeout=0.5)
+        assert load_image(base + "/huge") is None and load_image(base + "/drip", timeout=0.5) is None
+    finally:
+        server.shutdown()
