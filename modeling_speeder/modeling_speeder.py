@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -83,12 +84,15 @@ def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor
 def replace_directory(new: Path, final: Path):
     """Make the finished folder `new` take the place of `final`. The old folder is moved aside first and removed
     last, so at every moment one complete version exists (at `final`, or beside it while the two renames run).
-    `new` (made private by mkdtemp) and its files get the permissions the user's umask gives new files."""
+    `new` keeps the mode of the folder it replaces (a new one gets the user's umask, as its files do); a folder that
+    is read-only to its owner is refused, not replaced."""
     umask = os.umask(0)
     os.umask(umask)
-    new.chmod(0o777 & ~umask)
+    if final.exists() and not final.stat().st_mode & 0o200:
+        raise PermissionError(f"{final} is read-only: not replacing it (make it writable to save there)")
     for path in new.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    new.chmod(final.stat().st_mode & 0o7777 if final.exists() else 0o777 & ~umask)
     if final.exists():
         previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
         shutil.rmtree(previous, ignore_errors=True)
@@ -99,6 +103,27 @@ def replace_directory(new: Path, final: Path):
         new.rename(final)
 
 
+@contextmanager
+def exclusive_writer(folder: Path):
+    """An advisory lock (`flock`, POSIX) on `.<name>.lock` beside `folder`, so two processes saving to the same folder
+    take turns; while it is held, temporaries that a killed save left beside `folder` are removed."""
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:  # closing it releases the lock
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # no flock (Windows): one writer at a time is the caller's job
+            pass
+        for pattern in (f".{folder.name}.saving-*", f".{folder.name}.previous-*"):
+            for stale in folder.parent.glob(pattern):  # only a killed save of this folder leaves these
+                shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+# The files save_pretrained writes for the weights: a previous save's are not carried over (a user's other files are).
+WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
 @dataclass
 class SpeederRecommendationOutput(ModelOutput):
     """
@@ -106,7 +131,8 @@ class SpeederRecommendationOutput(ModelOutput):
     candidate_scores: (B, C) one score per candidate, from one forward pass.
     catalog_scores: (B, N) query-to-item scores over the whole catalog, when asked for.
     query_hidden_state: (B, H) hidden state of the query token (input of the catalog head).
-    hidden_states: backbone hidden states, when asked for.
+    hidden_states: backbone hidden states (embeddings, then each layer), when asked for.
+    attentions: backbone attention weights per layer, when asked for (eager attention computes them).
     """
 
     loss: torch.FloatTensor | None = None
@@ -114,6 +140,7 @@ class SpeederRecommendationOutput(ModelOutput):
     catalog_scores: torch.FloatTensor | None = None
     query_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SpeederModalityExperts(nn.Module):
@@ -255,20 +282,24 @@ class SpeederPreTrainedModel(PreTrainedModel):
         then replaces `save_directory`, so an interrupted save leaves the previous checkpoint loadable. Files the
         model does not write (processor, tokenizer, model card) are carried over from the previous folder."""
         final = Path(save_directory)
-        if kwargs.get("push_to_hub") or (final.exists() and not final.is_dir()):
+        if final.is_symlink():  # save into the folder the link points to; the link stays
+            final = final.resolve()
+        if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        if final.exists() and not final.is_dir():
+            raise FileExistsError(f"{final} exists and is not a folder: cannot save a checkpoint there")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
-        try:
-            super().save_pretrained(tmp, *args, **kwargs)
-            for old_file in final.iterdir() if final.exists() else []:
-                stale_weights = old_file.name.startswith("model") and ".safetensors" in old_file.name
-                if not (tmp / old_file.name).exists() and not stale_weights:
-                    (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
-            replace_directory(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with exclusive_writer(final):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
+            try:
+                super().save_pretrained(tmp, *args, **kwargs)
+                for old_file in final.iterdir() if final.exists() else []:
+                    if not (tmp / old_file.name).exists() and not WEIGHTS_FILE.fullmatch(old_file.name):
+                        (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+                replace_directory(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -278,9 +309,9 @@ class SpeederPreTrainedModel(PreTrainedModel):
             if module.residual_embedding is not None:
                 init.zeros_(module.residual_embedding.weight)
             for name, buffer in module.named_buffers(recurse=False):
-                if name.startswith("feature_shift_"):
+                if name.startswith(("feature_shift_", "features_")):  # the bank is filled by set_item_features
                     init.zeros_(buffer)
-                elif name.startswith("feature_scale_"):
+                elif name.startswith("feature_scale_") or name == "presence":
                     init.ones_(buffer)
         elif isinstance(module, SpeederForSequentialRecommendation):
             # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
@@ -536,11 +567,11 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,  # (B, T) prompt, either padding side
-        attention_mask: torch.LongTensor,  # (B, T)
-        position_ids: torch.LongTensor,  # (B, T) SPAE item-level positions
-        item_token_index: torch.LongTensor,  # (B, T) item * K + k at placeholders, -1 elsewhere
-        recency_index: torch.LongTensor,  # (B, T) recency at history tokens, max_history at candidates, -1 elsewhere
-        query_index: torch.LongTensor,  # (B,) the query token of each row; (S,) per sequence when packed
+        attention_mask: torch.LongTensor | None = None,  # (B, T); None: no padding
+        position_ids: torch.LongTensor | None = None,  # (B, T) SPAE item-level positions (from the processor)
+        item_token_index: torch.LongTensor | None = None,  # (B, T) item * K + k at placeholders, -1 elsewhere
+        recency_index: torch.LongTensor | None = None,  # (B, T) recency at history tokens, max_history at candidates
+        query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
         candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
         candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
         candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
@@ -549,7 +580,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
         modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
         return_catalog_scores: bool = False,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | None = None,  # None: config.output_hidden_states
+        output_attentions: bool | None = None,  # None: config.output_attentions
+        return_dict: bool | None = None,  # None: config.return_dict; False gives a tuple
         candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
         # Padding-free batches (processor `packed=True`): B = 1 row holding S sequences back to back. SPAE position
         # ids repeat values, so the boundaries are given here instead of being inferred from position-id resets.
@@ -562,6 +595,14 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         stated by `candidate_token_index` and `candidate_segment_ids` and scored by the candidate head; candidates
         given only as `candidate_item_index` are scored by the catalog head (dot products, nothing in the prompt)."""
         batch_size, seq_len = input_ids.shape
+        missing = [name for name, value in (("position_ids", position_ids), ("item_token_index", item_token_index),
+                                            ("recency_index", recency_index), ("query_index", query_index))
+                   if value is None]
+        if missing:
+            raise ValueError(f"Speeder's forward needs the processor's layout, missing {missing}: pass the whole output of "
+                             "SpeederProcessor")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         packed = cu_seq_lens_q is not None
         in_prompt = candidate_token_index is not None
         num_candidates = candidate_token_index.shape[1] if in_prompt else 0
@@ -587,7 +628,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             query_rows = torch.arange(batch_size, device=input_ids.device)
         embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
-        hidden_states, dense_loss = None, None
+        hidden_states, attentions, dense_loss = None, None, None
         prefix_cache = in_prompt and self._uses_prefix_cache(candidate_scoring)
         if dense_catalog_labels is not None and prefix_cache:
             raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
@@ -611,9 +652,11 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                 mask = attention_mask
             out = self.backbone(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                output_hidden_states=output_hidden_states, **boundaries,
+                output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+                output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+                **boundaries,
             )
-            hidden_states = out.hidden_states
+            hidden_states, attentions = out.hidden_states, out.attentions
             last = out.last_hidden_state  # (B, T, H)
             if dense_catalog_labels is not None:
                 # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
@@ -651,13 +694,15 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels)
             loss = catalog_loss if loss is None else loss + catalog_loss
 
-        return SpeederRecommendationOutput(
+        output = SpeederRecommendationOutput(
             loss=loss,
             candidate_scores=candidate_scores,
             catalog_scores=catalog_scores,
             query_hidden_state=query_hidden,
             hidden_states=hidden_states,
+            attentions=attentions,
         )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     def _score_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
         """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels

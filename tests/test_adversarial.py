@@ -201,3 +201,46 @@ def test_a_mistyped_model_path_says_so(tmp_path):
         load_checkpoint(str(tmp_path / "ckpt-typo"))
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         load_checkpoint("outputs/demo/modle")
+
+
+def test_checkpoint_saves_keep_user_files_links_modes_and_take_turns(tmp_path):
+    """The folder swap keeps a user's file that merely looks like weights, saves through a symlink (the link stays),
+    keeps the folder's mode, refuses a read-only folder, removes temporaries a killed save left, and serialises
+    concurrent writers (each save complete, the folder loadable)."""
+    import os
+    import threading
+
+    model, processor, ckpt = _saved(tmp_path)
+    (ckpt / "model_notes.safetensors.md").write_text("my notes")
+    killed = tmp_path / ".ckpt.saving-abc123"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    ckpt.chmod(0o750)
+    model.save_pretrained(ckpt)
+    assert (ckpt / "model_notes.safetensors.md").read_text() == "my notes"
+    assert not killed.exists(), "a killed save's temporary is cleaned up"
+    assert ckpt.stat().st_mode & 0o777 == 0o750
+    link = tmp_path / "latest"
+    link.symlink_to(ckpt, target_is_directory=True)
+    model.save_pretrained(link)
+    assert link.is_symlink() and (link / "model.safetensors").exists()
+    ckpt.chmod(0o550)
+    try:
+        with pytest.raises(PermissionError, match="read-only"):
+            model.save_pretrained(ckpt)
+    finally:
+        ckpt.chmod(0o750)
+    errors = []
+
+    def save():
+        try:
+            model.save_pretrained(ckpt)
+        except Exception as err:  # noqa: BLE001 (collected for the assertion)
+            errors.append(err)
+
+    threads = [threading.Thread(target=save) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert AutoModel.from_pretrained(ckpt).recommend(HISTORIES, top_k=3, processor=processor)
+    assert not [p for p in os.listdir(tmp_path) if ".saving-" in p or ".previous-" in p]

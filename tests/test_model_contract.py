@@ -177,3 +177,34 @@ def test_compiled_training_step_matches_eager(family, layout):
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_transformers_output_conventions():
+    """output_attentions, output_hidden_states (argument or config), return_dict=False and a missing attention mask
+    behave as in every Transformers model."""
+    model, processor = make_tiny("llama", attn_implementation="eager")
+    inputs = processor(histories=[HISTORIES[0]], candidates=[CANDIDATES[0]])  # one row: no padding
+    out = model(**inputs, output_attentions=True, output_hidden_states=True, candidate_scoring="mask")
+    layers = model.config.text_config.num_hidden_layers
+    assert len(out.attentions) == layers and len(out.hidden_states) == layers + 1
+    model.config.output_hidden_states = True
+    assert model(**inputs, candidate_scoring="mask").hidden_states is not None
+    model.config.output_hidden_states = False
+    as_tuple = model(**inputs, return_dict=False, candidate_scoring="mask")
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.candidate_scores)
+    without_mask = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    torch.testing.assert_close(model(**without_mask, candidate_scoring="mask").candidate_scores, out.candidate_scores)
+    with pytest.raises(ValueError, match="missing \\['item_token_index'"):
+        model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
+
+
+def test_init_weights_initialises_the_feature_bank_buffers():
+    """A model built on the meta device and initialised gets a zero feature bank and presence set, not leftover
+    memory (from_pretrained initialises missing tensors this way; a missing bank is refused on load)."""
+    model, _ = make_tiny("llama")
+    for buffer in model.mrc.buffers():
+        buffer.data.fill_(float("nan") if buffer.is_floating_point() else False)
+    model._init_weights(model.mrc)
+    assert all(b.eq(0).all() for n, b in model.mrc.named_buffers() if n.startswith("features_"))
+    assert model.mrc.presence.all()
