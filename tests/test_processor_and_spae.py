@@ -113,10 +113,12 @@ def test_active_modalities_restrict_the_gate():
         (dict(histories=["item1", "item2"]), "list of histories"),
     ],
 )
-def test_processor_errors(call, message):
+@pytest.mark.parametrize("in_prompt", [True, False], ids=["candidate-head", "catalog-head"])
+def test_processor_errors(call, message, in_prompt):
+    """One validation for both heads: candidates ranked by the catalog head (not in the prompt) are checked too."""
     _, proc = make_tiny("llama")
     with pytest.raises(ValueError, match=message):
-        proc(**call)
+        proc(**call, candidates_in_prompt=in_prompt)
 
 
 def test_duplicate_catalog_ids_rejected():
