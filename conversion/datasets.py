@@ -46,7 +46,10 @@ def leave_one_out(
             continue
         seen = set(seq)
         if len(known) - len(seen) < num_negatives:
-            raise ValueError(f"User {user!r} has seen all but {len(known) - len(seen)} items; need {num_negatives} negatives")
+            raise ValueError(
+                f"User {user!r} has seen all but {len(known) - len(seen)} of the {len(known)} catalog items: too few to "
+                f"draw {num_negatives} negatives outside the history. Lower --negatives (a k-core filter also shrinks "
+                "the catalog: lower --k-core)")
         for split, cut in (("validation", len(seq) - 2), ("test", len(seq) - 1)):
             negatives = []
             while len(negatives) < num_negatives:  # rejection sampling: histories are short next to the catalog
@@ -59,6 +62,13 @@ def leave_one_out(
         for cut in range(1, len(seq) - 2):
             for key, value in zip(("user_id", "history", "target", "candidates"), (user, seq[:cut], seq[cut], [])):
                 rows["train"][key].append(value)
+    empty = [split for split in SPLITS if not rows[split]["user_id"]]
+    if empty:
+        kept = len(rows["test"]["user_id"])
+        raise ValueError(
+            f"The {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: {len(sequences)} users, "
+            f"{kept} with at least {min_length} interactions; a training row needs a user with at least 4 (the last two "
+            "are the validation and test targets). Use a dataset with longer histories, or a looser filter")
     return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
 
 

@@ -92,8 +92,13 @@ def test_converter_errors(tmp_path):
         convert_recbole(tmp_path, "nothing")
     with pytest.raises(ValueError, match=r"missing from the item table: \['zz'\]"):
         leave_one_out({"u": ["a", "b", "zz"]}, ["a", "b", "c"])
+    splits = leave_one_out({"u": ["a", "b", "c", "d"]}, ["a", "b", "c", "d", "e"], num_negatives=1)
     with pytest.raises(ValueError, match=r"Duplicate item ids in the item table: \['a'\]"):
-        write_canonical(tmp_path / "d", leave_one_out({}, ["a"]), {"item_id": ["a", "a"], "title": ["", ""], "text": ["", ""]})
+        write_canonical(tmp_path / "d", splits, {"item_id": ["a", "a"], "title": ["", ""], "text": ["", ""]})
+    with pytest.raises(ValueError, match="train split would be empty: 2 users, 2 with at least 3"):
+        leave_one_out({"u": ["a", "b", "c"], "v": ["c", "d", "e"]}, list("abcdefgh"), num_negatives=2)
+    with pytest.raises(ValueError, match="all but 1 of the 5 catalog items: too few to draw 2 negatives.*--negatives"):
+        leave_one_out({"u": ["a", "b", "c", "d"]}, ["a", "b", "c", "d", "e"], num_negatives=2)
 
 
 def test_unisrec_fixture(tmp_path):
