@@ -578,6 +578,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
         catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
         dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
+        # () divide the summed dense loss by this instead of the batch's label count (length-grouped batches)
+        dense_loss_normalizer: torch.Tensor | None = None,
         modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
         return_catalog_scores: bool = False,
         output_hidden_states: bool | None = None,  # None: config.output_hidden_states
@@ -660,13 +662,16 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             last = out.last_hidden_state  # (B, T, H)
             if dense_catalog_labels is not None:
                 # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
+                reduction = "mean" if dense_loss_normalizer is None else "sum"
                 if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
                     dense_scores = self.catalog_logits(last.flatten(0, 1))  # (B * T, N)
-                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), ignore_index=-100)
+                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), reduction=reduction)
                 else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
                     keep = dense_catalog_labels >= 0
                     dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
-                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep])
+                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep], reduction=reduction)
+                if dense_loss_normalizer is not None:
+                    dense_loss = dense_loss / dense_loss_normalizer
             query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
             if in_prompt:
                 cand_hidden = last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))  # (B, C, H)

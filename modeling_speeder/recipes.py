@@ -182,6 +182,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     else:
         model.config.candidate_ranking_head = "candidate"
     train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
+    # Each dense row labels its history items from `first_labeled` on (the last one at the query token).
+    labels_per_row = float(np.mean(np.array(train_rows["length"]) - np.array(train_rows["first_labeled"]))) if dense else None
     steps_per_epoch = max(1, -(-len(train_rows) // (batch_size * gradient_accumulation_steps)))
     fixed_budget = max_steps is not None and max_steps > 0
     eval_every = save_steps or (max(1, max_steps // 4) if fixed_budget else steps_per_epoch)
@@ -197,7 +199,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs (and StopOnNonFiniteLoss), not be averaged away
-        # Dense windows vary in length (most Amazon histories are short): batches of similar lengths pad less.
+        # Dense windows vary in length (most Amazon histories are short): batches of similar lengths pad less. Their
+        # loss is normalised by a constant (`dense_labels_per_row`), so the objective stays the per-target mean.
         train_sampling_strategy="group_by_length" if dense else "random",
     )
     stages = None
@@ -213,13 +216,14 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
     args = TrainingArguments(**{**defaults, **training_kwargs})  # any TrainingArguments field may be overridden
     selection = select(splits["validation"], selection_rows)
-    if args.train_sampling_strategy == "group_by_length":  # the Trainer groups evaluation batches too
+    if args.train_sampling_strategy == "group_by_length":  # an override: the Trainer then groups evaluation batches too
         selection = selection.add_column("length", [len(h) for h in selection["history"]])
     divergence = StopOnNonFiniteLoss()
     callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
     trainer = Trainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=selection,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
+                                          dense_labels_per_row=labels_per_row,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )

@@ -53,9 +53,11 @@ class SASRecModel(PreTrainedModel):
         self.dropout = nn.Dropout(config.dropout)
         self.post_init()
 
-    def forward(self, item_ids: torch.LongTensor, labels: torch.LongTensor | None = None):
+    def forward(self, item_ids: torch.LongTensor, labels: torch.LongTensor | None = None, loss_normalizer: float | None = None):
         """item_ids: (B, L) catalog rows + 1, right-padded with 0. labels: (B, L) next catalog row, -100 at pads.
-        Returns (loss or None, hidden (B, L, H)); every position is trained at once (dense next-item loss)."""
+        Returns (loss or None, hidden (B, L, H)); every position is trained at once (dense next-item loss).
+        loss_normalizer: divide the summed loss by this constant instead of the batch's label count, so that every
+        label weighs the same whatever batch it lands in (length-grouped batches hold very different counts)."""
         seq_len = item_ids.shape[1]
         x = self.item_embedding(item_ids) * math.sqrt(self.config.hidden_size)
         x = self.dropout(x + self.position_embedding(torch.arange(seq_len, device=item_ids.device)))
@@ -65,7 +67,10 @@ class SASRecModel(PreTrainedModel):
         if labels is not None:
             keep = labels >= 0
             logits = hidden[keep] @ self.item_embedding.weight[1:].T  # full softmax over the catalog
-            loss = F.cross_entropy(logits, labels[keep])
+            if loss_normalizer is None:
+                loss = F.cross_entropy(logits, labels[keep])
+            else:
+                loss = F.cross_entropy(logits, labels[keep], reduction="sum") / loss_normalizer
         return loss, hidden
 
     def item_embeddings(self) -> torch.Tensor:
@@ -107,6 +112,10 @@ def train_sasrec(sequences: list[list[int]], num_items: int, epochs: int = 200, 
     record = {"epochs": [], "best_epoch": None, "best_validation_ndcg@10": None, "windows": len(windows)}
     best_state, stale, start = None, 0, time.perf_counter()
     lengths = [len(w) - 1 for w, _ in windows]
+    # Length-grouped batches hold very different numbers of labels (2 per short window, up to 49 per long one): the
+    # loss is normalised by the epoch-average count per batch, not by each batch's, so the objective is the same
+    # per-target mean as with random batches.
+    labels_per_window = sum(len(w) - 1 - first for w, first in windows) / len(windows)
     for epoch in tqdm(range(epochs), desc="SASRec", unit="epoch"):
         model.train()
         # Batches of similar window lengths (transformers' sampler: shuffled megabatches sorted by length), so short
@@ -119,7 +128,7 @@ def train_sasrec(sequences: list[list[int]], num_items: int, epochs: int = 200, 
             labels = torch.full_like(inputs, -100)
             for i, (w, first_labeled) in enumerate(rows):
                 labels[i, first_labeled : len(w) - 1] = torch.tensor(w[first_labeled + 1 :])
-            loss, _ = model(inputs, labels)
+            loss, _ = model(inputs, labels, loss_normalizer=len(rows) * labels_per_window)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -24,6 +24,9 @@ class SpeederDataCollator:
     # MPO ramps: a callable giving the current per-modality keep probabilities (M,) (SpeederMPOCallback.keep_probabilities);
     # training batches then carry a `modality_mask` (one row per example) drawn here, so the model draws nothing.
     modality_keep_probabilities: object = None
+    # With dense: the dataset's mean number of labels per row. Batches then carry `dense_loss_normalizer` = rows x this,
+    # so every label weighs the same in every batch (length-grouped batches hold very different label counts).
+    dense_labels_per_row: float | None = None
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -58,6 +61,8 @@ class SpeederDataCollator:
             first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
             batch = self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
                                    packed=self.packed, dense_labels_from=first)
+            if self.dense_labels_per_row is not None:
+                batch["dense_loss_normalizer"] = torch.tensor(len(rows) * self.dense_labels_per_row)
         else:
             candidates = [self._draw_candidates(r["history"], r["target"]) for r in rows]
             batch = self.processor(histories=[r["history"] for r in rows], candidates=candidates,

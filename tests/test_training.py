@@ -281,6 +281,20 @@ def test_dense_catalog_training_labels_and_loss():
     assert model.query_proj.weight.grad.abs().sum() > 0 and model.candidate_head.weight.grad is None
 
 
+def test_dense_loss_normaliser_weighs_every_label_the_same():
+    """Length-grouped batches hold very different label counts: with `dense_loss_normalizer` (rows x the dataset's
+    mean labels per row, from the collator) the loss is the summed cross-entropy over that constant."""
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0, candidate_loss_weight=0.0)
+    inputs = processor(histories=HISTORIES, targets=TARGETS, dense=True)
+    count = (inputs["dense_catalog_labels"] >= 0).sum().float()
+    mean = model(**inputs).loss
+    torch.testing.assert_close(model(**inputs, dense_loss_normalizer=count).loss, mean)
+    torch.testing.assert_close(model(**inputs, dense_loss_normalizer=2 * count).loss, mean / 2)
+    collator = SpeederDataCollator(processor, dense=True, dense_labels_per_row=2.5)
+    batch = collator([{"history": h, "target": t, "candidates": [], "first_labeled": 0} for h, t in zip(HISTORIES, TARGETS)])
+    assert batch["dense_loss_normalizer"].item() == 7.5
+
+
 def test_dense_head_trains_through_the_cli(tmp_path):
     from test_distributed_and_resume import tiny_dataset
 
