@@ -59,7 +59,10 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     modalities = [m for m in ("text", "image", "id") if m in dims]
     modalities += ["id (learned table)"] if config.get("learned_id_dim") else []
     items = processor.get("item_ids", [])
-    stats = dataset_stats or {}
+    # The training report (`speeder demo` / `speeder train` report.json) knows the dataset when it was not given.
+    reported = (report or {}).get("dataset") or {}
+    dataset_name = dataset_name or reported.get("name")
+    stats = dataset_stats or reported
     training_data = (f"{dataset_name or 'A custom dataset'}: {stats.get('users', '?')} users, {stats.get('items', len(items))} "
                      f"items, {stats.get('interactions', '?')} interactions, leave-one-out splits.")
     backbone = (f"`{base_model}` ({text.get('model_type')})" if base_model else
@@ -71,10 +74,19 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
         max_history=config.get("max_history"), modalities=", ".join(modalities), base_model_description=backbone,
         example_item_a=items[0] if items else "item-a", example_item_b=items[1] if len(items) > 1 else "item-b",
         example_item_c=items[2] if len(items) > 2 else "item-c", training_data=training_data,
-        mpo_stages=config.get("mpo_stages", []), protocol=PROTOCOL, metrics=metrics,
+        mpo_stages=_stages_as_trained(config.get("mpo_stages", []), (report or {}).get("lora_r")),
+        protocol=PROTOCOL, metrics=metrics,
         extra_limitations="" if base_model else ("- This checkpoint's backbone is not pretrained: it demonstrates the package, "
                                                  "it is not a production recommender."),
     )
+
+
+def _stages_as_trained(stages: list[dict], lora_r: int | None) -> list[dict]:
+    """The MPO stages for the card; under LoRA the backbone trained only through rank-r adapters (merged since)."""
+    if not lora_r:
+        return stages
+    rename = {"backbone": f"backbone (LoRA adapters, rank {lora_r}, merged)"}
+    return [dict(stage, trainable=[rename.get(g, g) for g in stage.get("trainable", [])]) for stage in stages]
 
 
 def push_checkpoint(model_dir: str | os.PathLike, repo_id: str, card: ModelCard | None = None,

@@ -246,7 +246,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "best_validation_ndcg@10": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
-              "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [],
+              "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
               "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}
     if args.process_index == 0:

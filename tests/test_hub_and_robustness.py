@@ -296,3 +296,18 @@ def test_sequential_recommendation_pipeline(tmp_path):
         recommender("item1")
     with pytest.raises((ValueError, KeyError), match="item0x"):
         recommender(["item0x"])
+
+
+def test_card_reads_dataset_and_lora_from_the_report(saved):
+    """A card rendered from a training report names the dataset and its size (no '?'), and says the backbone trained
+    through LoRA adapters when it did."""
+    from modeling_speeder.conversion.hub import render_model_card
+
+    path, _ = saved
+    metrics = {"hr@1": 0.5, "hr@5": 0.8, "hr@10": 0.9, "ndcg@5": 0.6, "ndcg@10": 0.65, "mrr": 0.6, "valid_ratio": 1.0}
+    report = {"test": metrics, "lora_r": 8,
+              "dataset": {"name": "ml-100k", "users": 943, "items": 1682, "interactions": 100000}}
+    text = str(render_model_card(path, "org/x", report))
+    assert "ml-100k: 943 users, 1682 items, 100000 interactions" in text and "?" not in text.split("interactions")[0]
+    assert "LoRA adapters, rank 8" in text
+    assert "LoRA" not in str(render_model_card(path, "org/x", {**report, "lora_r": 0}))
