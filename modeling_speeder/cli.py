@@ -218,10 +218,19 @@ def _load_config(args, parser):
 
     with open(args.config, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
+    actions = {action.dest: action for action in parser._actions}
     for key, value in values.items():
         dest = key.replace("-", "_")
         if not hasattr(args, dest):
             raise SystemExit(f"{args.config}: unknown option {key!r}")
+        action = actions.get(dest)
+        if action is not None and value is not None:  # the command line's own checks (ranges, choices)
+            try:
+                value = action.type(str(value)) if action.type is not None else value
+            except (argparse.ArgumentTypeError, ValueError) as err:
+                raise SystemExit(f"{args.config}: {key}: {err}") from err
+            if action.choices is not None and value not in action.choices:
+                raise SystemExit(f"{args.config}: {key}: {value!r} is not one of {list(action.choices)}")
         if getattr(args, dest) == parser.get_default(dest):
             setattr(args, dest, value)
     return args

@@ -145,6 +145,19 @@ def test_cli_numbers_out_of_range_are_refused_with_the_value(argv, message, caps
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("yaml_text, message", [
+    ("steps: -3\n", "steps: expected a value >= 1, got '-3'"),
+    ("lr: 0\n", "lr: expected a value > 0, got '0'"),
+    ("head: catalog\n", "head: 'catalog' is not one of"),
+])
+def test_config_file_values_get_the_command_line_checks(tmp_path, yaml_text, message):
+    from modeling_speeder.cli import run as cli
+
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    with pytest.raises(SystemExit, match=message):
+        cli(["train", "--data", "d", "--config", str(tmp_path / "c.yaml")])
+
+
 @pytest.mark.parametrize(
     "setting, value",
     [("tokens_per_item", 1), ("max_history", 4), ("item_level_position_ids", False), ("item_token_id", 5)],
