@@ -177,14 +177,13 @@ def test_recommend_catalog_excludes_history():
 
 
 def test_chunked_catalog_topk_equals_full():
+    """recommend() ranks the catalog in chunks (memory O(B x chunk)); the result is the full top-k."""
     model, proc = make_tiny("llama")
-    inputs = proc(histories=HISTORIES)
     with torch.no_grad():
-        out = model(**inputs, return_catalog_scores=True)
-        full = out.catalog_scores.topk(7, dim=-1)
-        scores, rows = model._catalog_topk(out.query_hidden_state, 7, None, chunk_size=6)
-    torch.testing.assert_close(scores, full.values)
-    assert torch.equal(rows, full.indices)
+        full = model(**proc(histories=HISTORIES), return_catalog_scores=True).catalog_scores.topk(7, dim=-1)
+    chunked = model.recommend(HISTORIES, top_k=7, processor=proc, exclude_history=False, chunk_size=6)
+    assert [r["item_ids"] for r in chunked] == [proc.item_ids_of(rows) for rows in full.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([r["scores"] for r in chunked]), full.values)
 
 
 def test_item_cache_survives_eval_and_is_dropped_for_training():
