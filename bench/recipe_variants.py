@@ -1,0 +1,52 @@
+"""Recipe variants of Speeder on one dataset, each trained by the default recipe (`recipes.train`: dense catalog head,
+validation every epoch, best checkpoint, early stopping) on the same SASRec `id` features, read once on test.
+
+    python bench/recipe_variants.py DATA_DIR SASREC_DIR OUTPUT_DIR '{"name": {config overrides}, ...}'
+
+DATA_DIR: a canonical dataset folder (e.g. `outputs/demo-ml-100k/data`); SASREC_DIR: a saved SASRec
+(`SASRecModel.save_pretrained`, e.g. from `speeder features --collaborative`, which writes DATA_DIR/sasrec). A variant's
+overrides are SpeederConfig fields, plus "backbone": {tiny config fields} and "train": {recipes.train arguments}.
+Prints one RESULT line per variant and writes OUTPUT_DIR/variants.json.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    from transformers import set_seed
+
+    from modeling_speeder import recipes
+    from modeling_speeder.conversion.build import load_backbone
+    from modeling_speeder.sasrec import SASRecModel
+
+    data, sasrec_dir, output, variants = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+    sasrec = SASRecModel.from_pretrained(sasrec_dir).eval()
+    results = {}
+    for name, overrides in variants.items():
+        set_seed(0)
+        train_kwargs = {"learning_rate": 1e-3, "epochs": 30, "batch_size": 32, "seed": 0, **overrides.pop("train", {})}
+        backbone, tokenizer = load_backbone("tiny-llama")
+        for key, value in overrides.pop("backbone", {}).items():
+            setattr(backbone, key, value)
+        model, processor, splits = recipes.build_for_dataset(Path(data), backbone=backbone, tokenizer=tokenizer,
+                                                             sasrec=sasrec, max_history=50, **overrides)
+        start = time.perf_counter()
+        report = recipes.train(model, processor, splits, output / name, **train_kwargs)
+        test = report["test"]
+        results[name] = {"overrides": overrides, "train": train_kwargs, "seconds": round(time.perf_counter() - start),
+                         "epochs": report["epochs"], "best_validation_ndcg@10": report["best_validation_ndcg@10"],
+                         "test": {k: test[k] for k in ("hr@1", "ndcg@10", "mrr", "full_hr@10", "full_ndcg@10")},
+                         "cold": {k: test["by_target_popularity"]["cold"][k] for k in ("hr@1", "ndcg@10")}}
+        print("RESULT", name, json.dumps(results[name]), flush=True)
+        (output / "variants.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
