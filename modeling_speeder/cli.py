@@ -517,6 +517,9 @@ def run(argv=None):
         command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     args = parser.parse_args(argv)
     args = _load_config(args, commands.choices[args.command])
+    from . import register
+
+    register()  # torch and transformers only now that the arguments are known to be valid
     required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())
     missing = [flag for flag in required if getattr(args, flag) is None]
     if missing:

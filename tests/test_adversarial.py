@@ -257,3 +257,16 @@ def test_checkpoint_saves_keep_user_files_links_modes_and_take_turns(tmp_path):
     assert errors == []
     assert AutoModel.from_pretrained(ckpt).recommend(HISTORIES, top_k=3, processor=processor)
     assert not [p for p in os.listdir(tmp_path) if ".saving-" in p or ".previous-" in p]
+
+
+def test_cli_help_and_argument_errors_do_not_import_torch():
+    """`speeder --help` and argument errors answer before torch and transformers are imported (they took 9 s)."""
+    import subprocess
+    import sys
+
+    for argv, code in ((["--help"], 0), (["train", "--help"], 0), (["train", "--steps", "-3"], 2)):
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "modeling_speeder", *argv], capture_output=True,
+                             text=True)
+        assert run.returncode == code, run.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+        assert "torch" not in imported and "transformers" not in imported, argv
