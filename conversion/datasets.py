@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from safetensors.torch import load_file, save_file
 
+from ..evaluation import NUM_NEGATIVES
 from ..modeling_speeder import replace_directory
 
 SPLITS = ("train", "validation", "test")
@@ -30,7 +31,8 @@ ROW_FEATURES = Features({"user_id": Value("string"), "history": List(Value("stri
 
 
 def leave_one_out(
-    sequences: Mapping[str, list[str]], item_ids: list[str], num_negatives: int = 19, seed: int = 0, min_length: int = 3
+    sequences: Mapping[str, list[str]], item_ids: list[str], num_negatives: int = NUM_NEGATIVES, seed: int = 0,
+    min_length: int = 3,
 ) -> DatasetDict:
     """Leave-one-out splits with seeded evaluation candidates. `sequences`: user -> items, oldest first."""
     known = set(item_ids)

@@ -386,8 +386,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def run(argv=None):
-    """Parse `argv` and run the command; errors propagate (for callers and tests)."""
+def build_parser():
+    """(the `speeder` parser, its subcommand parsers by name)."""
     parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation",
                                      epilog="--debug (anywhere) shows the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -404,7 +404,7 @@ def run(argv=None):
     p.add_argument("--items", help="csv: an optional items CSV")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,
                    help="amazon2023: keep users and items with at least this many interactions")
-    p.add_argument("--negatives", type=POSITIVE_INT, default=19,
+    p.add_argument("--negatives", type=POSITIVE_INT, default=19,  # evaluation.NUM_NEGATIVES (it imports torch)
                    help="stored negatives per validation / test row (candidates = 1 + this)")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights, data order and negatives")
     p.add_argument("--output", required=True, help="the folder to write")
@@ -515,15 +515,21 @@ def run(argv=None):
     p.set_defaults(run=demo)
     for command in commands.choices.values():  # every command's --help shows the defaults
         command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    args = parser.parse_args(argv)
-    args = _load_config(args, commands.choices[args.command])
-    from . import register
+    return parser, commands.choices
 
-    register()  # torch and transformers only now that the arguments are known to be valid
+
+def run(argv=None):
+    """Parse `argv` and run the command; errors propagate (for callers and tests)."""
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    args = _load_config(args, commands[args.command])
     required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())
     missing = [flag for flag in required if getattr(args, flag) is None]
     if missing:
         parser.error(f"{args.command} needs --{' and --'.join(missing)} (on the command line or in --config)")
+    from . import register
+
+    register()  # torch and transformers only now that the arguments are known to be valid
     args.run(args)
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..evaluation import NUM_NEGATIVES
 from .processing_speeder import SpeederProcessor
 
 
@@ -16,7 +17,7 @@ class SpeederDataCollator:
     whole training sequence and the catalog head learns every prefix of it in one causal pass."""
 
     processor: SpeederProcessor
-    num_negatives: int = 19  # 20 candidates, the research protocol
+    num_negatives: int = NUM_NEGATIVES  # 20 candidates, the research protocol
     seed: int = 0
     dense: bool = False  # catalog head, every prefix in one pass: no candidates, `dense_catalog_labels` instead
     packed: bool = False  # with dense: padding-free rows with explicit boundaries (FlashAttention varlen, flex)

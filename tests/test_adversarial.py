@@ -270,3 +270,12 @@ def test_cli_help_and_argument_errors_do_not_import_torch():
         assert run.returncode == code, run.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
         assert "torch" not in imported and "transformers" not in imported, argv
+
+
+def test_cli_default_negatives_is_the_protocol_constant():
+    """The command line spells the protocol's 19 negatives itself (it parses before torch is imported): keep them equal."""
+    from modeling_speeder.cli import build_parser
+    from modeling_speeder.evaluation import NUM_NEGATIVES
+
+    parser, _ = build_parser()
+    assert parser.parse_args(["convert", "--format", "csv", "--output", "o"]).negatives == NUM_NEGATIVES
