@@ -398,44 +398,60 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
     return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
 
 
-def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None = None, **split_kwargs):
-    """Plain CSV: interactions with user_id, item_id and optional timestamp columns (no timestamp: file order),
-    and an optional items CSV with item_id and any of title, text, image. Returns (splits, items)."""
+def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None = None, user_column: str = "user_id",
+                item_column: str = "item_id", time_column: str | None = "timestamp", delimiter: str = ",",
+                **split_kwargs):
+    """Plain CSV (or TSV, any `delimiter`): interactions with user, item and optional time columns (named by the
+    arguments; no time column: file order), and an optional items CSV with the item column and any of title, text,
+    image. Errors name the file and line. Returns (splits, items)."""
     import csv
 
     interactions = Path(interactions)
     if not interactions.exists():
         raise FileNotFoundError(f"{interactions} does not exist")
     with open(interactions, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
-            raise ValueError(f"{interactions} is empty")
-        missing = [c for c in ("user_id", "item_id") if c not in reader.fieldnames]
+            raise ValueError(f"{interactions} is empty: expected a header line with {user_column!r} and {item_column!r}")
+        missing = [c for c in (user_column, item_column) if c not in reader.fieldnames]
         if missing:
-            raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames})")
-        rows = list(reader)
-    if "timestamp" in (rows[0] if rows else {}):
-        rows = sorted(rows, key=lambda r: float(r["timestamp"]))  # stable: ties keep file order
+            raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames}; delimiter "
+                             f"{delimiter!r}): name the columns with --user-column / --item-column, or set --delimiter")
+        timed = time_column is not None and time_column in reader.fieldnames
+        rows = []
+        for line_no, r in enumerate(reader, start=2):
+            if not r.get(user_column) or not r.get(item_column):
+                raise ValueError(f"{interactions}, line {line_no}: empty {user_column!r} or {item_column!r}")
+            when = 0.0
+            if timed:
+                try:
+                    when = float(r[time_column])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{interactions}, line {line_no}: {time_column!r} is {r[time_column]!r}, expected a "
+                                     "number") from None
+            rows.append((when, r[user_column], r[item_column]))
+    if not rows:
+        raise ValueError(f"{interactions} has a header but no interactions")
+    rows.sort(key=lambda r: r[0])  # stable: equal times (and files without a time column) keep file order
     sequences = {}
-    for r in rows:
-        sequences.setdefault(r["user_id"], []).append(r["item_id"])
-    titles, texts, images, ids = {}, {}, {}, sorted({r["item_id"] for r in rows})
+    for _, user, item in rows:
+        sequences.setdefault(user, []).append(item)
+    titles, texts, images, ids = {}, {}, {}, sorted({item for _, _, item in rows})
     if items is not None:
         with open(items, newline="", encoding="utf-8") as f:
-            table = list(csv.DictReader(f))
-        if not table or "item_id" not in table[0]:
-            raise ValueError(f"{items} has no item_id column")
+            table = list(csv.DictReader(f, delimiter=delimiter))
+        if not table or item_column not in table[0]:
+            raise ValueError(f"{items} has no {item_column!r} column")
         seen = set()
         for line_no, r in enumerate(table, start=2):
-            if r["item_id"] in seen:
-                raise ValueError(f"{items}, line {line_no}: duplicate item id {r['item_id']!r}")
-            seen.add(r["item_id"])
-            titles[r["item_id"]], texts[r["item_id"]] = r.get("title", ""), r.get("text", "")
+            if r[item_column] in seen:
+                raise ValueError(f"{items}, line {line_no}: duplicate item id {r[item_column]!r}")
+            seen.add(r[item_column])
+            titles[r[item_column]], texts[r[item_column]] = r.get("title", ""), r.get("text", "")
             if r.get("image"):
-                images[r["item_id"]] = r["image"]
+                images[r[item_column]] = r["image"]
         ids = sorted(seen | set(ids))
     return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
-
 
 
 def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tensor], presence: Mapping[str, torch.Tensor]):

@@ -141,7 +141,8 @@ def convert(args):
     elif args.format == "amazon2023":
         splits, items = ds.convert_amazon2023(args.input, args.meta, k_core=args.k_core, **split)
     else:
-        splits, items = ds.convert_csv(args.input, args.items, **split)
+        splits, items = ds.convert_csv(args.input, args.items, user_column=args.user_column, item_column=args.item_column,
+                                       time_column=args.time_column, delimiter=args.delimiter.replace("\\t", "\t"), **split)
     stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}",
                                overwrite=args.overwrite, inputs=[p for p in (args.input, args.meta, args.items) if p])
     stats["seconds"] = round(time.perf_counter() - start, 1)
@@ -402,6 +403,10 @@ def build_parser():
     p.add_argument("--name", help="file stem inside the folder, e.g. Scientific, Beauty, ml-100k")
     p.add_argument("--meta", help="amazon2023: the meta JSONL file")
     p.add_argument("--items", help="csv: an optional items CSV")
+    p.add_argument("--user-column", default="user_id", help="csv: the user column")
+    p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
+    p.add_argument("--time-column", default="timestamp", help="csv: the time column, if present (else file order)")
+    p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,
                    help="amazon2023: keep users and items with at least this many interactions")
     p.add_argument("--negatives", type=POSITIVE_INT, default=19,  # evaluation.NUM_NEGATIVES (it imports torch)

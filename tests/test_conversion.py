@@ -306,3 +306,26 @@ def test_image_fetch_is_bounded_in_size_and_time():
         assert load_image(base + "/huge") is None and load_image(base + "/drip", timeout=0.5) is None
     finally:
         server.shutdown()
+
+
+def test_csv_columns_delimiter_and_line_errors(tmp_path):
+    """TSV with other column names converts given the names; a header-only file, an empty time cell and missing
+    columns are refused with the file, the line and what was expected."""
+    from modeling_speeder.cli import run as cli
+
+    seqs = sequences()
+    lines = ["uid\tiid\tts"] + [f"{u}\t{i}\t{j}" for u, s in seqs.items() for j, i in enumerate(s)]
+    (tmp_path / "i.tsv").write_text("\n".join(lines) + "\n")
+    splits, _ = convert_csv(tmp_path / "i.tsv", user_column="uid", item_column="iid", time_column="ts", delimiter="\t")
+    check_splits(splits, seqs)
+    cli(["convert", "--format", "csv", "--input", str(tmp_path / "i.tsv"), "--user-column", "uid", "--item-column", "iid",
+         "--time-column", "ts", "--delimiter", "\\t", "--negatives", "5", "--output", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "stats.json").exists()
+    with pytest.raises(ValueError, match="no \\['user_id', 'item_id'\\] column.*--user-column"):
+        convert_csv(tmp_path / "i.tsv")
+    (tmp_path / "header.csv").write_text("user_id,item_id,timestamp\n")
+    with pytest.raises(ValueError, match="header.csv has a header but no interactions"):
+        convert_csv(tmp_path / "header.csv")
+    (tmp_path / "blank.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,\n")
+    with pytest.raises(ValueError, match="blank.csv, line 3: 'timestamp' is '', expected a number"):
+        convert_csv(tmp_path / "blank.csv")
