@@ -11,6 +11,7 @@ negatives. The folder is written to a temporary path and renamed when complete.
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..evaluation import NUM_NEGATIVES
 from ..modeling_speeder import replace_directory
 
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 ROW_FEATURES = Features({"user_id": Value("string"), "history": List(Value("string")), "target": Value("string"),
                          "candidates": List(Value("string"))})
@@ -379,7 +381,19 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
     unknown = sorted({r[1] for r in rows} - set(metadata))
     if unknown:
         raise ValueError(f"{reviews}: {len(unknown)} items have no metadata in {meta.name}, e.g. {unknown[:5]}")
-    rows = sorted(_k_core(rows, k_core), key=lambda r: (r[2], r[3]))
+    # A user reviewing the same item again is one interaction (the first): a repeat would otherwise put a later
+    # target inside the user's own history.
+    first = {}
+    for row in sorted(rows, key=lambda r: (r[2], r[3])):
+        first.setdefault((row[0], row[1]), row)
+    deduplicated = len(rows) - len(first)
+    users_before, items_before = len({r[0] for r in first.values()}), len({r[1] for r in first.values()})
+    rows = sorted(_k_core(list(first.values()), k_core), key=lambda r: (r[2], r[3]))
+    logger.warning(
+        "%s: %d repeated reviews of the same item by the same user dropped; the %d-core filter kept %d of %d users and "
+        "%d of %d items (%d interactions); items without interactions are not in the catalog",
+        reviews.name, deduplicated, k_core, len({r[0] for r in rows}), users_before, len({r[1] for r in rows}),
+        items_before, len(rows))
     sequences = {}
     for user, item, _, _ in rows:
         sequences.setdefault(user, []).append(item)

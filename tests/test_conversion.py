@@ -329,3 +329,17 @@ def test_csv_columns_delimiter_and_line_errors(tmp_path):
     (tmp_path / "blank.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,\n")
     with pytest.raises(ValueError, match="blank.csv, line 3: 'timestamp' is '', expected a number"):
         convert_csv(tmp_path / "blank.csv")
+
+
+def test_amazon2023_repeated_reviews_are_one_interaction_and_filters_are_reported(tmp_path, caplog):
+    import logging
+
+    seqs = sequences(n_users=12, length=6)
+    seqs["u0"] = seqs["u0"] + [seqs["u0"][1]]  # a later review of an item the user already reviewed
+    write_amazon(tmp_path, seqs)
+    with caplog.at_level(logging.WARNING):
+        splits, _ = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=2)
+    row = splits["test"].filter(lambda r: r["user_id"] == "u0")[0]
+    assert row["target"] not in row["history"] and len(row["history"]) == 5, "the repeat is dropped, not the target"
+    assert "1 repeated reviews of the same item by the same user dropped" in caplog.text
+    assert "the 2-core filter kept 12 of 12 users" in caplog.text
