@@ -241,8 +241,9 @@ class SpeederPreTrainedModel(PreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Speeder loads safetensors weights only: use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
-        config_file = Path(pretrained_model_name_or_path) / "config.json"
-        if kwargs.get("config") is None and Path(pretrained_model_name_or_path).is_dir():
+        local = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
+        config_file = local / "config.json" if local is not None else None
+        if kwargs.get("config") is None and local is not None and local.is_dir():
             if not config_file.exists():
                 raise OSError(f"{str(pretrained_model_name_or_path)!r} is not a Speeder checkpoint: it has no config.json")
             import json

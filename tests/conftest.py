@@ -12,6 +12,8 @@ from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3Conf
 from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer  # noqa: E402
 from modeling_speeder.processing.processing_speeder import DEFAULT_PROMPT_BRIDGE, DEFAULT_PROMPT_PREFIX  # noqa: E402
 
+collect_ignore = ["transformers_shims"]  # helper modules for the conformance tests, not tests
+
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=64, max_position_embeddings=512)
 BACKBONES = {  # overrides: e.g. GPU_SHAPE
