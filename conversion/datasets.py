@@ -347,18 +347,28 @@ def _k_core(rows: list[tuple[str, str, float, int]], k: int):
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]):
-    """(line number, object) for each non-empty line, with clear errors for bad JSON and missing fields."""
-    for line_no, line in enumerate(open(path, encoding="utf-8"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line_no}: not JSON ({err})") from None
-        missing = [c for c in required if c not in obj]
-        if missing:
-            raise ValueError(f"{path}, line {line_no}: missing {missing}")
-        yield line_no, obj
+    """(line number, object) for each non-empty line of a JSONL file (gzip-compressed too, as Amazon ships them), with
+    clear errors for bad JSON, bad encoding and missing fields."""
+    import gzip
+
+    with open(path, "rb") as probe:
+        compressed = probe.read(2) == b"\x1f\x8b"
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as lines:  # bytes: decode errors get a line
+        for line_no, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not UTF-8 text ({err.reason}); expected JSON lines") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not JSON ({err})") from None
+            missing = [c for c in required if c not in obj]
+            if missing:
+                raise ValueError(f"{path}, line {line_no}: missing {missing}")
+            yield line_no, obj
 
 
 def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_core: int = 5, **split_kwargs):

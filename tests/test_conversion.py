@@ -343,3 +343,19 @@ def test_amazon2023_repeated_reviews_are_one_interaction_and_filters_are_reporte
     assert row["target"] not in row["history"] and len(row["history"]) == 5, "the repeat is dropped, not the target"
     assert "1 repeated reviews of the same item by the same user dropped" in caplog.text
     assert "the 2-core filter kept 12 of 12 users" in caplog.text
+
+
+def test_amazon2023_reads_gzipped_files(tmp_path):
+    """Amazon ships its JSONL gzip-compressed: read transparently, with the same results."""
+    import gzip
+
+    seqs = sequences(n_users=12, length=6)
+    write_amazon(tmp_path, seqs)
+    plain, _ = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=2)
+    for name in ("r.jsonl", "m.jsonl"):
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+    packed, _ = convert_amazon2023(tmp_path / "r.jsonl.gz", tmp_path / "m.jsonl.gz", k_core=2)
+    assert packed["test"]["target"] == plain["test"]["target"]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"user_id": "u", "parent_asin": "I1", "timestamp": 1}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: not UTF-8"):
+        convert_amazon2023(tmp_path / "bad.jsonl", tmp_path / "m.jsonl")
