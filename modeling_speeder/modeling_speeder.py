@@ -105,9 +105,10 @@ def replace_directory(new: Path, final: Path):
 
 @contextmanager
 def exclusive_writer(folder: Path):
-    """An advisory lock (`flock`, POSIX) on `.<name>.lock` beside `folder`, so two processes saving to the same folder
-    take turns; while it is held, temporaries that a killed save left beside `folder` are removed."""
-    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:  # closing it releases the lock
+    """An advisory lock (`flock`, POSIX) on `.speeder-save.lock` in the folder that holds `folder`, so two processes
+    saving there take turns (one lock file per parent folder: a Trainer's many checkpoints share one); while it is
+    held, temporaries that a killed save left beside `folder` are removed."""
+    with open(folder.parent / ".speeder-save.lock", "a") as handle:  # closing it releases the lock
         try:
             import fcntl
 

@@ -257,6 +257,8 @@ def test_checkpoint_saves_keep_user_files_links_modes_and_take_turns(tmp_path):
     assert errors == []
     assert AutoModel.from_pretrained(ckpt).recommend(HISTORIES, top_k=3, processor=processor)
     assert not [p for p in os.listdir(tmp_path) if ".saving-" in p or ".previous-" in p]
+    model.save_pretrained(tmp_path / "another")  # a Trainer saves many checkpoints in one folder: one lock file
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".lock")) == [".speeder-save.lock"]
 
 
 def test_cli_help_and_argument_errors_do_not_import_torch():

@@ -183,7 +183,7 @@ def test_interrupted_save_keeps_previous_checkpoint(saved, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
     monkeypatch.undo()
-    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".") and p.name != ".ckpt.lock"]
+    leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".") and p.name != ".speeder-save.lock"]
     assert not leftovers, "no temporary folder is left behind (the writers' lock file stays, by design)"
     loaded = AutoModel.from_pretrained(path).eval()
     processor = AutoProcessor.from_pretrained(path)
