@@ -105,16 +105,12 @@ def replace_directory(new: Path, final: Path):
 
 @contextmanager
 def exclusive_writer(folder: Path):
-    """An advisory lock (`flock`, POSIX) on `.speeder-save.lock` in the folder that holds `folder`, so two processes
-    saving there take turns (one lock file per parent folder: a Trainer's many checkpoints share one); while it is
-    held, temporaries that a killed save left beside `folder` are removed."""
-    with open(folder.parent / ".speeder-save.lock", "a") as handle:  # closing it releases the lock
-        try:
-            import fcntl
+    """A lock on `.speeder-save.lock` in the folder that holds `folder` (filelock, which huggingface_hub uses for its
+    cache), so two processes saving there take turns (one lock file per parent folder: a Trainer's many checkpoints
+    share one); while it is held, temporaries that a killed save left beside `folder` are removed."""
+    from filelock import FileLock
 
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): one writer at a time is the caller's job
-            pass
+    with FileLock(folder.parent / ".speeder-save.lock"):
         for pattern in (f".{folder.name}.saving-*", f".{folder.name}.previous-*"):
             for stale in folder.parent.glob(pattern):  # only a killed save of this folder leaves these
                 shutil.rmtree(stale, ignore_errors=True)

@@ -216,7 +216,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
     args = TrainingArguments(**{**defaults, **training_kwargs})  # any TrainingArguments field may be overridden
     selection = select(splits["validation"], selection_rows)
-    if args.train_sampling_strategy == "group_by_length":  # an override: the Trainer then groups evaluation batches too
+    if args.train_sampling_strategy == "group_by_length":  # the Trainer then groups evaluation batches too: it needs lengths
         selection = selection.add_column("length", [len(h) for h in selection["history"]])
     divergence = StopOnNonFiniteLoss()
     callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
