@@ -1,7 +1,8 @@
 """Speeder: fast multimodal-LLM sequential recommendation, as a Hugging Face Transformers model package.
 
 Importing this package registers the `speeder` model type with AutoConfig, AutoModel and AutoProcessor, so
-`AutoModel.from_pretrained(path)` returns a `SpeederForSequentialRecommendation` without remote code, and the
+`AutoModel.from_pretrained(path)` returns a `SpeederForSequentialRecommendation` (the Hub use case: a checkpoint that
+recommends; the headless `SpeederModel` is imported directly) without remote code, and the
 `sequential-recommendation` pipeline task (`pipeline("sequential-recommendation", model=path)`).
 
 The `speeder` command is the one exception: it parses its arguments before torch and transformers are imported
@@ -18,6 +19,8 @@ __all__ = [
     "SpeederConfig",
     "SpeederForSequentialRecommendation",
     "SpeederModalityExperts",
+    "SpeederModel",
+    "SpeederModelOutput",
     "SpeederPreTrainedModel",
     "SpeederProcessor",
     "SpeederRecommendationOutput",
@@ -34,6 +37,8 @@ def register():
     from .modeling_speeder import (
         SpeederForSequentialRecommendation,
         SpeederModalityExperts,
+        SpeederModel,
+        SpeederModelOutput,
         SpeederPreTrainedModel,
         SpeederRecommendationOutput,
     )
@@ -51,7 +56,9 @@ def register():
                                         pt_model=AutoModel, type="multimodal")
     globals().update(MODALITIES=MODALITIES, SequentialRecommendationPipeline=SequentialRecommendationPipeline,
                      SpeederConfig=SpeederConfig, SpeederForSequentialRecommendation=SpeederForSequentialRecommendation,
-                     SpeederModalityExperts=SpeederModalityExperts, SpeederPreTrainedModel=SpeederPreTrainedModel,
+                     SpeederModalityExperts=SpeederModalityExperts, SpeederModel=SpeederModel,
+                     SpeederModelOutput=SpeederModelOutput,
+                     SpeederPreTrainedModel=SpeederPreTrainedModel,
                      SpeederProcessor=SpeederProcessor, SpeederRecommendationOutput=SpeederRecommendationOutput,
                      catalog_fingerprint=catalog_fingerprint)
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     and_masks,
@@ -30,7 +31,8 @@ from transformers.masking_utils import (
     packed_sequence_mask_function,
     padding_mask_function,
 )
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .configuration_speeder import SpeederConfig
 
@@ -119,6 +121,23 @@ def exclusive_writer(folder: Path):
 
 # The files save_pretrained writes for the weights: a previous save's are not carried over (a user's other files are).
 WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+@dataclass
+class SpeederModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, T, H) backbone output over the prompt (None on the prefix-cache candidate path).
+    query_hidden_state: (B, H) the query token's state; (S, H), one per sequence, when packed.
+    candidate_hidden_states: (B, C, H) each candidate's last token's state, when candidates are in the prompt.
+    hidden_states: backbone hidden states (embeddings, then each layer), when asked for.
+    attentions: backbone attention weights per layer, when asked for (eager attention computes them).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    query_hidden_state: torch.FloatTensor | None = None
+    candidate_hidden_states: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -221,7 +240,7 @@ class SpeederModalityExperts(nn.Module):
 class SpeederPreTrainedModel(PreTrainedModel):
     config: SpeederConfig
     config_class = SpeederConfig
-    base_model_prefix = "backbone"
+    base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -234,7 +253,8 @@ class SpeederPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """PreTrainedModel.from_pretrained, safetensors only (a pickle-based `.bin` is refused, never unpickled), and
         refusing a folder that holds no Speeder config instead of building a default multi-billion-parameter
-        backbone."""
+        backbone. Checkpoints saved before the headless `SpeederModel` existed (weights `backbone.*`, `mrc.*`,
+        `recency_embedding.*` at the top level) load through `LEGACY_KEY_MAPPING`."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Speeder loads safetensors weights only: use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
@@ -252,6 +272,10 @@ class SpeederPreTrainedModel(PreTrainedModel):
                     f"{', no text_config' if not found.get('text_config') else ''}): build a Speeder checkpoint from this "
                     "backbone with `speeder build` (or conversion.build.build_speeder) first"
                 )
+        legacy = pretrained_model_name_or_path is not None and "key_mapping" not in kwargs and any(
+            name.startswith("mrc.") for name in _saved_weight_names(pretrained_model_name_or_path, kwargs))
+        if legacy:
+            kwargs["key_mapping"] = LEGACY_KEY_MAPPING
         wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -260,19 +284,21 @@ class SpeederPreTrainedModel(PreTrainedModel):
                 f"Cannot load the Speeder checkpoint {str(pretrained_model_name_or_path)!r}: a safetensors weights file is "
                 f"corrupt or truncated ({err}). Re-download it or save the model again."
             ) from err
+        if legacy:  # saved again, the model writes today's names (save_pretrained would otherwise undo the renaming)
+            model._weight_conversions = [t for t in getattr(model, "_weight_conversions", None) or []
+                                         if not (isinstance(t, WeightRenaming) and t.target_patterns[0].startswith("model."))]
         # The feature bank is the catalog: a missing tensor would be uninitialised memory, not a default.
         missing_bank = [k for k in info["missing_keys"] if "mrc.features_" in k or k.endswith("mrc.presence")]
         if missing_bank:
             raise OSError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} lacks its feature bank tensors "
                           f"{sorted(missing_bank)}: the weights file is incomplete. Save the model again.")
-        if isinstance(model, SpeederForSequentialRecommendation):
-            mrc = model.mrc
-            stored = {m: getattr(mrc, f"features_{m}") for m in mrc.modalities if hasattr(mrc, f"features_{m}")}
-            try:
-                check_feature_bank(stored, mrc.presence, mrc.modalities)
-            except ValueError as err:
-                raise ValueError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} has a corrupt feature "
-                                 f"bank: {err}") from err
+        mrc = model.mrc
+        stored = {m: getattr(mrc, f"features_{m}") for m in mrc.modalities if hasattr(mrc, f"features_{m}")}
+        try:
+            check_feature_bank(stored, mrc.presence, mrc.modalities)
+        except ValueError as err:
+            raise ValueError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} has a corrupt feature "
+                             f"bank: {err}") from err
         return (model, info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -311,45 +337,65 @@ class SpeederPreTrainedModel(PreTrainedModel):
                     init.zeros_(buffer)
                 elif name.startswith("feature_scale_") or name == "presence":
                     init.ones_(buffer)
-        elif isinstance(module, SpeederForSequentialRecommendation):
+        elif isinstance(module, SpeederModel):
             # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
             init.ones_(module.modality_keep_prob)
-            if module.catalog_item_bias is not None:
-                init.zeros_(module.catalog_item_bias.weight)
             if module.recency_embedding is not None:
                 # Small, so a pretrained backbone first sees item tokens almost unperturbed.
                 init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
+        elif isinstance(module, SpeederForSequentialRecommendation):
+            if module.catalog_item_bias is not None:
+                init.zeros_(module.catalog_item_bias.weight)
 
 
-class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
-    """Next-item recommendation with an LLM over compressed item tokens.
+# Weight names of checkpoints saved before the headless SpeederModel split (commit 8b1321b and earlier).
+LEGACY_KEY_MAPPING = {r"^backbone\.": "model.backbone.", r"^mrc\.": "model.mrc.",
+                      r"^recency_embedding\.": "model.recency_embedding."}
+# The backbone keyword arguments a caller may add (FlashAttention's varlen boundaries, ...); anything else is a typo.
+BACKBONE_KWARGS = (TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__) - {
+    "position_ids", "output_attentions", "output_hidden_states"}
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
-    Prompt (built by `SpeederProcessor`): [prefix text] [item_1] ... [item_L] [bridge text] [query] [cand_1] ... [cand_C]
-    - candidate head: one forward pass scores all candidates; each candidate sees the shared prompt and itself only,
-      and all candidates share one position id, so scores are permutation-equivariant;
-    - catalog head: the query token's hidden state, projected, is dotted with every item's representation.
+
+def _saved_weight_names(pretrained_model_name_or_path, kwargs) -> list[str]:
+    """The tensor names a checkpoint stores, read from the safetensors index or header (no tensor is loaded)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if k in kwargs}
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        file = cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+        if file is None:
+            continue
+        if name.endswith(".json"):
+            return list(json.loads(Path(file).read_text(encoding="utf-8"))["weight_map"])
+        try:
+            with safe_open(file, "pt") as weights:
+                return list(weights.keys())
+        except SafetensorError:  # corrupt or truncated: from_pretrained's loading then says so, clearly
+            return []
+    return []
+
+
+def _check_backbone_kwargs(kwargs: dict):
+    unknown = set(kwargs) - BACKBONE_KWARGS
+    if unknown:
+        raise TypeError(f"Speeder's forward got unexpected arguments {sorted(unknown)}; besides its own it takes the "
+                        f"backbone's {sorted(BACKBONE_KWARGS)}")
+
+
+class SpeederModel(SpeederPreTrainedModel):
+    """The headless Speeder (Llava's `LlavaModel`): the MRC item tokens scattered into the prompt embeddings, SPAE,
+    Speeder's attention masks, and the unmodified backbone. Returns hidden states; heads and losses are
+    `SpeederForSequentialRecommendation`'s.
+
+    Prompt (built by `SpeederProcessor`): [prefix text] [item_1] ... [item_L] [bridge text] [query] [cand_1] ... [cand_C].
+    Each candidate sees the shared prompt and itself only, and all candidates share one position id, so their states
+    are permutation-equivariant.
     """
-
-    # The parts training policy refers to (MPO stages' `trainable`, LoRA's modules_to_save): group -> submodule or
-    # parameter paths. Owned here, next to the attributes they name, so a rename fails a test instead of silently
-    # training nothing (tests/test_training.py checks every path matches and every parameter has a group).
-    parameter_groups: ClassVar[dict[str, tuple[str, ...]]] = {
-        "experts": ("mrc.experts", "mrc.id_embedding", "mrc.residual_embedding"),
-        "gate": ("mrc.gate", "mrc.token_gain"),
-        "spae": ("recency_embedding",),
-        "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
-        "backbone": ("backbone",),
-    }
-
-    @classmethod
-    def parameter_group(cls, name: str) -> str | None:
-        """The group of a parameter name, also as PEFT (`base_model.model.`, `modules_to_save.default`,
-        `original_module`, LoRA's adapters) or DDP (`module.`) name it."""
-        name = re.sub(r"\.(modules_to_save\.[^.]+|original_module)(?=\.)", "", name)
-        for prefix in ("module.", "base_model.model."):
-            name = name.removeprefix(prefix)
-        return next((group for group, paths in cls.parameter_groups.items()
-                     if any(name == path or name.startswith(path + ".") for path in paths)), None)
 
     def __init__(self, config: SpeederConfig):
         super().__init__(config)
@@ -360,10 +406,6 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.recency_embedding = (
             nn.Embedding(config.max_history + 1, hidden_size) if config.use_recency_embeddings else None
         )
-        self.candidate_head = nn.Linear(hidden_size, 1)
-        self.query_proj = nn.Linear(hidden_size, hidden_size)
-        # A module (not a bare parameter) so that PEFT's modules_to_save can train it next to LoRA adapters.
-        self.catalog_item_bias = nn.Embedding(config.num_items, 1) if config.catalog_item_bias else None
         # MPO: the probability that each modality is let through the gate for a training example (1 = on, 0 = off,
         # in between = ramping in). Not saved: the schedule lives in the config and the stage follows global_step.
         self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
@@ -371,6 +413,12 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self._item_repr_cache = None  # (N, H) their catalog-head representations
         self._item_cache_key = None  # the state of the weights the cache was computed from
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
 
     # ----- item feature bank and item cache -----
 
@@ -452,13 +500,6 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             self.clear_item_cache()
         return super().train(mode)
 
-    def catalog_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
-        per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
-        tokens cannot)."""
-        scores = self.query_proj(hidden) @ self.item_representations().T
-        return scores if self.catalog_item_bias is None else scores + self.catalog_item_bias.weight[:, 0]
-
     def item_representations(self) -> torch.Tensor:
         """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
         if not self.training and self.item_cache_is_current():
@@ -466,9 +507,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         rows = torch.arange(self.config.num_items, device=self.device)
         return self.mrc(rows, self.active_modalities)[0].mean(1)
 
-    # ----- prompt embedding -----
+    # ----- prompt embedding and masks -----
 
-    def _embed(self, input_ids, item_token_index, recency_index, modality_mask, example_of_token):
+    def embed_prompt(self, input_ids, item_token_index, recency_index, modality_mask, example_of_token):
         """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE recency.
         example_of_token: (B, T) the example each token belongs to (its row, or its sequence in a packed row)."""
         k, n_items = self.config.tokens_per_item, self.config.num_items
@@ -537,7 +578,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             )
         return masks if layer_types is not None else masks[kinds[0]]
 
-    def _candidate_masks(self, embeds, attention_mask, segment_ids, query_index, candidate_token_index):
+    def candidate_masks(self, embeds, attention_mask, segment_ids, query_index, candidate_token_index):
         """Causal + candidate isolation, with sliding windows measured as if each candidate followed the query."""
         k = self.config.tokens_per_item
         index = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)  # (B, T)
@@ -551,12 +592,13 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         implementation = self.backbone.config._attn_implementation or "sdpa"
         return "flash" not in implementation and implementation in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
-    def _uses_prefix_cache(self, candidate_scoring: str) -> bool:
+    def uses_prefix_cache(self, candidate_scoring: str) -> bool:
+        """Which of the two candidate-encoding algorithms runs: one pass with the isolation mask, or the shared
+        prompt once with a KV cache and the candidates as a batch of its continuations (for kernels that take no
+        arbitrary mask, DESIGN.md 5)."""
         if candidate_scoring not in ("auto", "mask", "prefix_cache"):
             raise ValueError(f"candidate_scoring must be 'auto', 'mask' or 'prefix_cache', got {candidate_scoring!r}")
         if candidate_scoring == "auto":
-            # Without an isolation mask, encode the shared prompt once, then the candidates as a batch of
-            # continuations of its KV cache (DESIGN.md 5).
             return not self._backend_takes_masks()
         return candidate_scoring == "prefix_cache"
 
@@ -570,30 +612,21 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         item_token_index: torch.LongTensor | None = None,  # (B, T) item * K + k at placeholders, -1 elsewhere
         recency_index: torch.LongTensor | None = None,  # (B, T) recency at history tokens, max_history at candidates
         query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
-        candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
         candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
         candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
-        labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
-        catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
-        dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
-        # () divide the summed dense loss by this instead of the batch's label count (length-grouped batches)
-        dense_loss_normalizer: torch.Tensor | None = None,
         modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
-        return_catalog_scores: bool = False,
         output_hidden_states: bool | None = None,  # None: config.output_hidden_states
         output_attentions: bool | None = None,  # None: config.output_attentions
         return_dict: bool | None = None,  # None: config.return_dict; False gives a tuple
         candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
-        # Padding-free batches (processor `packed=True`): B = 1 row holding S sequences back to back. SPAE position
-        # ids repeat values, so the boundaries are given here instead of being inferred from position-id resets.
-        cu_seq_lens_q: torch.IntTensor | None = None,  # (S + 1,) sequence starts in the row, then its length
-        cu_seq_lens_k: torch.IntTensor | None = None,  # (S + 1,) the same (self-attention)
-        max_length_q: int | None = None,  # longest sequence
-        max_length_k: int | None = None,
-    ) -> SpeederRecommendationOutput:
-        """The layout comes from the processor: the query token at `query_index`; candidates in the prompt are
-        stated by `candidate_token_index` and `candidate_segment_ids` and scored by the candidate head; candidates
-        given only as `candidate_item_index` are scored by the catalog head (dot products, nothing in the prompt)."""
+        # The backbone's keyword arguments. Padding-free batches (processor `packed=True`: B = 1 row holding S
+        # sequences back to back) give their boundaries as cu_seq_lens_q / cu_seq_lens_k (S + 1,) and max_length_q /
+        # max_length_k: SPAE position ids repeat values, so boundaries cannot be inferred from position-id resets.
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SpeederModelOutput:
+        """The layout comes from the processor: the query token at `query_index`; candidates in the prompt are stated
+        by `candidate_token_index` and `candidate_segment_ids`."""
+        _check_backbone_kwargs(kwargs)
         batch_size, seq_len = input_ids.shape
         missing = [name for name, value in (("position_ids", position_ids), ("item_token_index", item_token_index),
                                             ("recency_index", recency_index), ("query_index", query_index))
@@ -603,17 +636,18 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                              "SpeederProcessor")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        cu_seq_lens_q = kwargs.get("cu_seq_lens_q")
         packed = cu_seq_lens_q is not None
         in_prompt = candidate_token_index is not None
-        num_candidates = candidate_token_index.shape[1] if in_prompt else 0
         if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
             raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
         if in_prompt and candidate_segment_ids is None:
             raise ValueError("candidate_token_index needs candidate_segment_ids: pass the processor's whole output")
         if packed and (batch_size != 1 or in_prompt):
             raise ValueError(
-                f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and {num_candidates} "
-                "candidates in the prompt: candidates need the padded layout (their isolation mask)"
+                f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and "
+                f"{candidate_token_index.shape[1] if in_prompt else 0} candidates in the prompt: candidates need the "
+                "padded layout (their isolation mask)"
             )
         if packed and cu_seq_lens_q.shape[0] != query_index.shape[0] + 1:  # shapes only: no device synchronisation
             raise ValueError(f"cu_seq_lens_q has {cu_seq_lens_q.shape[0]} boundaries for {query_index.shape[0]} packed "
@@ -626,88 +660,42 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         else:
             example_of_token = torch.arange(batch_size, device=input_ids.device)[:, None].expand(-1, seq_len)
             query_rows = torch.arange(batch_size, device=input_ids.device)
-        embeds = self._embed(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
+        embeds = self.embed_prompt(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
-        hidden_states, attentions, dense_loss = None, None, None
-        prefix_cache = in_prompt and self._uses_prefix_cache(candidate_scoring)
-        if dense_catalog_labels is not None and prefix_cache:
-            raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
-        if prefix_cache:
-            query_hidden, cand_hidden = self._score_candidates_with_prefix_cache(
-                embeds, attention_mask, position_ids, candidate_token_index
-            )
+        if in_prompt and self.uses_prefix_cache(candidate_scoring):
+            output = self._encode_candidates_with_prefix_cache(embeds, attention_mask, position_ids, candidate_token_index)
         else:
-            boundaries = {}
             if packed and not self._backend_takes_masks():
-                # FlashAttention's varlen kernel: causal inside each sequence, given explicit boundaries.
-                mask = None
-                boundaries = dict(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
-                                  max_length_q=max_length_q, max_length_k=max_length_k)
-            elif packed:
-                real_index = torch.arange(seq_len, device=input_ids.device)[None]
-                mask = self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token), real_index)
-            elif in_prompt:
-                mask = self._candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index, candidate_token_index)
+                mask = None  # FlashAttention's varlen kernel: causal inside each sequence, given explicit boundaries
             else:
-                mask = attention_mask
+                kwargs = {k: v for k, v in kwargs.items() if k not in VARLEN_KWARGS}  # the mask states the boundaries
+                if packed:
+                    real_index = torch.arange(seq_len, device=input_ids.device)[None]
+                    mask = self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token),
+                                                 real_index)
+                elif in_prompt:
+                    mask = self.candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index,
+                                                 candidate_token_index)
+                else:
+                    mask = attention_mask
             out = self.backbone(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                 output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
                 output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
-                **boundaries,
+                **kwargs,
             )
-            hidden_states, attentions = out.hidden_states, out.attentions
             last = out.last_hidden_state  # (B, T, H)
-            if dense_catalog_labels is not None:
-                # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
-                reduction = "mean" if dense_loss_normalizer is None else "sum"
-                if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
-                    dense_scores = self.catalog_logits(last.flatten(0, 1))  # (B * T, N)
-                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), reduction=reduction)
-                else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
-                    keep = dense_catalog_labels >= 0
-                    dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
-                    dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep], reduction=reduction)
-                if dense_loss_normalizer is not None:
-                    dense_loss = dense_loss / dense_loss_normalizer
-            query_hidden = last[query_rows, query_index]  # (B, H), or (S, H) packed
-            if in_prompt:
-                cand_hidden = last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))  # (B, C, H)
-
-        catalog_scores = None
-        by_catalog_head = candidate_item_index is not None and not in_prompt
-        wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
-        if return_catalog_scores or by_catalog_head or wants_catalog_loss:
-            catalog_scores = self.catalog_logits(query_hidden)  # (B, N)
-        candidate_scores = None
-        if in_prompt:
-            candidate_scores = self.candidate_head(cand_hidden).squeeze(-1)  # (B, C)
-        elif by_catalog_head:
-            candidate_scores = catalog_scores.gather(1, candidate_item_index)  # (B, C)
-
-        loss = None
-        # The candidate cross-entropy trains whichever head scored the candidates, with that head's weight.
-        candidate_weight = self.config.candidate_loss_weight if in_prompt else self.config.catalog_loss_weight
-        if labels is not None and candidate_scores is not None and candidate_weight:
-            loss = candidate_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
-        if dense_loss is not None:  # the dense loss already covers the last prefix (the query of the target)
-            catalog_loss = self.config.catalog_loss_weight * dense_loss
-            loss = catalog_loss if loss is None else loss + catalog_loss
-        elif wants_catalog_loss:
-            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels)
-            loss = catalog_loss if loss is None else loss + catalog_loss
-
-        output = SpeederRecommendationOutput(
-            loss=loss,
-            candidate_scores=candidate_scores,
-            catalog_scores=catalog_scores,
-            query_hidden_state=query_hidden,
-            hidden_states=hidden_states,
-            attentions=attentions,
-        )
+            output = SpeederModelOutput(
+                last_hidden_state=last,
+                query_hidden_state=last[query_rows, query_index],  # (B, H), or (S, H) packed
+                candidate_hidden_states=last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))
+                if in_prompt else None,  # (B, C, H)
+                hidden_states=out.hidden_states,
+                attentions=out.attentions,
+            )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
-    def _score_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
+    def _encode_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
         """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels
         that take no arbitrary mask). Needs the processor's left-padded layout: the candidates' tokens close the row."""
         batch_size, num_candidates = candidate_token_index.shape
@@ -732,9 +720,167 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             cache=cache,
             use_cache=True,
         )
-        query_hidden = prefix.last_hidden_state[:, -1]  # (B, H)
-        cand_hidden = cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1)  # (B, C, H)
-        return query_hidden, cand_hidden
+        return SpeederModelOutput(
+            query_hidden_state=prefix.last_hidden_state[:, -1],  # (B, H)
+            candidate_hidden_states=cand.last_hidden_state[:, -1].view(batch_size, num_candidates, -1),  # (B, C, H)
+        )
+
+
+
+class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
+    """Next-item recommendation with an LLM over compressed item tokens: `SpeederModel` plus two heads.
+
+    - candidate head: one forward pass scores all candidates in the prompt (each sees the shared prompt and itself);
+    - catalog head: the query token's hidden state, projected, is dotted with every item's representation (plus a
+      per-item bias); it also ranks candidates given only as catalog rows, with nothing in the prompt.
+    """
+
+    # The parts training policy refers to (MPO stages' `trainable`, LoRA's modules_to_save): group -> submodule or
+    # parameter paths. Owned here, next to the attributes they name, so a rename fails a test instead of silently
+    # training nothing (tests/test_training.py checks every path matches and every parameter has a group).
+    parameter_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "experts": ("model.mrc.experts", "model.mrc.id_embedding", "model.mrc.residual_embedding"),
+        "gate": ("model.mrc.gate", "model.mrc.token_gain"),
+        "spae": ("model.recency_embedding",),
+        "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
+        "backbone": ("model.backbone",),
+    }
+
+    @classmethod
+    def parameter_group(cls, name: str) -> str | None:
+        """The group of a parameter name, also as PEFT (`base_model.model.`, `modules_to_save.default`,
+        `original_module`, LoRA's adapters) or DDP (`module.`) name it."""
+        name = re.sub(r"\.(modules_to_save\.[^.]+|original_module)(?=\.)", "", name)
+        for prefix in ("module.", "base_model.model."):
+            name = name.removeprefix(prefix)
+        return next((group for group, paths in cls.parameter_groups.items()
+                     if any(name == path or name.startswith(path + ".") for path in paths)), None)
+
+    def __init__(self, config: SpeederConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.model = SpeederModel(config)
+        self.candidate_head = nn.Linear(hidden_size, 1)
+        self.query_proj = nn.Linear(hidden_size, hidden_size)
+        # A module (not a bare parameter) so that PEFT's modules_to_save can train it next to LoRA adapters.
+        self.catalog_item_bias = nn.Embedding(config.num_items, 1) if config.catalog_item_bias else None
+        self.post_init()
+
+    # The headless model's parts and catalog methods, as Llava's ForConditionalGeneration exposes its model's.
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    @property
+    def mrc(self):
+        return self.model.mrc
+
+    @property
+    def active_modalities(self) -> torch.Tensor:
+        return self.model.active_modalities
+
+    def set_item_features(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None):
+        self.model.set_item_features(features, presence)
+
+    def set_active_modalities(self, modalities: Sequence[str] | dict[str, float]):
+        self.model.set_active_modalities(modalities)
+
+    def cache_item_tokens(self, chunk_size: int = 65536) -> torch.Tensor:
+        return self.model.cache_item_tokens(chunk_size)
+
+    def item_cache_is_current(self) -> bool:
+        return self.model.item_cache_is_current()
+
+    def catalog_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
+        per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
+        tokens cannot)."""
+        scores = self.query_proj(hidden) @ self.model.item_representations().T
+        return scores if self.catalog_item_bias is None else scores + self.catalog_item_bias.weight[:, 0]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,  # (B, T) prompt, either padding side
+        attention_mask: torch.LongTensor | None = None,  # (B, T); None: no padding
+        position_ids: torch.LongTensor | None = None,  # (B, T) SPAE item-level positions (from the processor)
+        item_token_index: torch.LongTensor | None = None,  # (B, T) item * K + k at placeholders, -1 elsewhere
+        recency_index: torch.LongTensor | None = None,  # (B, T) recency at history tokens, max_history at candidates
+        query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
+        candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
+        candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
+        candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
+        labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
+        catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
+        dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
+        # () divide the summed dense loss by this instead of the batch's label count (length-grouped batches)
+        dense_loss_normalizer: torch.Tensor | None = None,
+        modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
+        return_catalog_scores: bool = False,
+        output_hidden_states: bool | None = None,  # None: config.output_hidden_states
+        output_attentions: bool | None = None,  # None: config.output_attentions
+        return_dict: bool | None = None,  # None: config.return_dict; False gives a tuple
+        candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
+        **kwargs: Unpack[TransformersKwargs],  # the backbone's (packed batches' boundaries: SpeederModel.forward)
+    ) -> SpeederRecommendationOutput:
+        """Candidates in the prompt (`candidate_token_index`) are scored by the candidate head; candidates given only
+        as `candidate_item_index` by the catalog head (dot products, nothing in the prompt)."""
+        in_prompt = candidate_token_index is not None
+        if dense_catalog_labels is not None and in_prompt and self.model.uses_prefix_cache(candidate_scoring):
+            raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            item_token_index=item_token_index, recency_index=recency_index, query_index=query_index,
+            candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
+            modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            return_dict=True, candidate_scoring=candidate_scoring, **kwargs,
+        )
+        dense_loss = None
+        if dense_catalog_labels is not None:
+            # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
+            last = out.last_hidden_state
+            reduction = "mean" if dense_loss_normalizer is None else "sum"
+            if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
+                dense_scores = self.catalog_logits(last.flatten(0, 1))  # (B * T, N)
+                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), reduction=reduction)
+            else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
+                keep = dense_catalog_labels >= 0
+                dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
+                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep], reduction=reduction)
+            if dense_loss_normalizer is not None:
+                dense_loss = dense_loss / dense_loss_normalizer
+
+        catalog_scores = None
+        by_catalog_head = candidate_item_index is not None and not in_prompt
+        wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
+        if return_catalog_scores or by_catalog_head or wants_catalog_loss:
+            catalog_scores = self.catalog_logits(out.query_hidden_state)  # (B, N)
+        candidate_scores = None
+        if in_prompt:
+            candidate_scores = self.candidate_head(out.candidate_hidden_states).squeeze(-1)  # (B, C)
+        elif by_catalog_head:
+            candidate_scores = catalog_scores.gather(1, candidate_item_index)  # (B, C)
+
+        loss = None
+        # The candidate cross-entropy trains whichever head scored the candidates, with that head's weight.
+        candidate_weight = self.config.candidate_loss_weight if in_prompt else self.config.catalog_loss_weight
+        if labels is not None and candidate_scores is not None and candidate_weight:
+            loss = candidate_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
+        if dense_loss is not None:  # the dense loss already covers the last prefix (the query of the target)
+            catalog_loss = self.config.catalog_loss_weight * dense_loss
+            loss = catalog_loss if loss is None else loss + catalog_loss
+        elif wants_catalog_loss:
+            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels)
+            loss = catalog_loss if loss is None else loss + catalog_loss
+
+        output = SpeederRecommendationOutput(
+            loss=loss,
+            candidate_scores=candidate_scores,
+            catalog_scores=catalog_scores,
+            query_hidden_state=out.query_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     # ----- recommendation API -----
 
@@ -832,7 +978,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def _catalog_topk(self, query_hidden, top_k, exclude, chunk_size):
         """Top-k over the catalog in chunks, so extra memory stays O(B * chunk_size) whatever the catalog size."""
         query = self.query_proj(query_hidden)  # (B, H)
-        items = self.item_representations()  # (N, H)
+        items = self.model.item_representations()  # (N, H)
         bias = None if self.catalog_item_bias is None else self.catalog_item_bias.weight[:, 0]
         top_k = min(top_k, self.config.num_items)
         best_scores = query.new_full((query.shape[0], 0), float("-inf"))
@@ -859,6 +1005,8 @@ __all__ = [
     "SpeederPreTrainedModel",
     "SpeederForSequentialRecommendation",
     "SpeederModalityExperts",
+    "SpeederModel",
+    "SpeederModelOutput",
     "SpeederRecommendationOutput",
     "candidate_isolation_mask_function",
     "replace_directory",

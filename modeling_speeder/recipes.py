@@ -106,7 +106,10 @@ def apply_lora(model, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj
     """LoRA on the backbone; the MRC experts and gate, SPAE embeddings and heads stay fully trainable."""
     from peft import LoraConfig, get_peft_model
 
-    speeder_parts = [name for name, _ in model.named_children() if name != "backbone"]  # fully trained beside LoRA
+    # Speeder's own modules are fully trained beside the LoRA adapters: the headless model's parts but the backbone,
+    # and the heads.
+    speeder_parts = [f"model.{name}" for name, _ in model.model.named_children() if name != "backbone"]
+    speeder_parts += [name for name, _ in model.named_children() if name != "model"]
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), modules_to_save=speeder_parts)
     return get_peft_model(model, config)
 

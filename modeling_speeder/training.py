@@ -114,7 +114,7 @@ class SpeederMPOCallback(TrainerCallback):
         ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
         speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) for m in stage["modalities"]})
-        self._keep = speeder.modality_keep_prob.detach().cpu().clone()
+        self._keep = speeder.model.modality_keep_prob.detach().cpu().clone()
         if self.current != stage["index"]:
             self.current = stage["index"]
             self.transitions.append((step, stage["index"]))

@@ -86,7 +86,7 @@ def test_catalog_item_bias_is_in_every_catalog_score():
     with torch.no_grad():
         model.catalog_item_bias.weight.copy_(torch.linspace(-3, 3, 40)[:, None])
         out = model(**processor(histories=HISTORIES), return_catalog_scores=True)
-        expected = model.query_proj(out.query_hidden_state) @ model.item_representations().T + torch.linspace(-3, 3, 40)
+        expected = model.query_proj(out.query_hidden_state) @ model.model.item_representations().T + torch.linspace(-3, 3, 40)
         torch.testing.assert_close(out.catalog_scores, expected)
     ranked = model.recommend(HISTORIES, top_k=5, processor=processor, chunk_size=7, exclude_history=False)
     for result, row in zip(ranked, out.catalog_scores):
@@ -183,11 +183,11 @@ def test_a_damaged_feature_bank_is_refused_on_load(tmp_path, damage):
     weights_file = ckpt / "model.safetensors"
     state = load_file(weights_file)
     if damage == "nan_row":
-        state["mrc.features_text"][3] = float("nan")
+        state["model.mrc.features_text"][3] = float("nan")
     elif damage == "empty_presence_row":
-        state["mrc.presence"][7] = False
+        state["model.mrc.presence"][7] = False
     else:
-        del state["mrc.features_image"]
+        del state["model.mrc.features_image"]
     save_file(state, weights_file, metadata={"format": "pt"})
     expected = {"nan_row": r"NaN or inf in rows \[3\]", "empty_presence_row": r"Items \[7\] have no modality",
                 "missing_tensor": "lacks its feature bank tensors.*features_image"}[damage]

@@ -16,8 +16,8 @@ def test_forward_backward(family):
     assert isinstance(out, SpeederRecommendationOutput)
     assert out.candidate_scores.shape == (3, 4) and torch.isfinite(out.candidate_scores).all()
     out.loss.backward()
-    for name in ["mrc.experts.text.1.weight", "mrc.experts.image.1.weight", "mrc.gate.weight", "mrc.id_embedding.weight",
-                 "recency_embedding.weight", "candidate_head.weight"]:
+    for name in ["model.mrc.experts.text.1.weight", "model.mrc.experts.image.1.weight", "model.mrc.gate.weight",
+                 "model.mrc.id_embedding.weight", "model.recency_embedding.weight", "candidate_head.weight"]:
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
@@ -49,7 +49,7 @@ def test_save_load_round_trip(family, tmp_path):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     assert torch.equal(loaded.mrc.presence, model.mrc.presence)
     # Non-persistent state is re-initialised, not left as whatever memory from_pretrained allocated.
-    assert loaded.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
+    assert loaded.model.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
     assert loaded.recommend(HISTORIES, top_k=5) == model.recommend(HISTORIES, processor=processor, top_k=5)
 
 
@@ -138,8 +138,8 @@ def test_no_query_row_of_the_candidate_mask_is_fully_masked(impl):
     inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
     assert (inputs["attention_mask"] == 0).any(), "the batch must be padded for this test to mean anything"
     embeds = model.backbone.get_input_embeddings()(inputs["input_ids"])
-    mask = model._candidate_masks(embeds, inputs["attention_mask"], inputs["candidate_segment_ids"],
-                                  inputs["query_index"], inputs["candidate_token_index"])
+    mask = model.model.candidate_masks(embeds, inputs["attention_mask"], inputs["candidate_segment_ids"],
+                                        inputs["query_index"], inputs["candidate_token_index"])
     visible = mask if mask.dtype == torch.bool else mask == 0  # eager: additive float mask, 0 where visible
     assert visible.any(-1).all(), "a query row sees no key"
     with torch.no_grad():
@@ -208,3 +208,58 @@ def test_init_weights_initialises_the_feature_bank_buffers():
     model._init_weights(model.mrc)
     assert all(b.eq(0).all() for n, b in model.mrc.named_buffers() if n.startswith("features_"))
     assert model.mrc.presence.all()
+
+
+def test_headless_model_gives_the_states_the_heads_score(family):
+    """SpeederModel (headless) returns the query and candidate states; the recommendation model's heads score exactly
+    those (Llava's split: the ForX class only adds heads and losses)."""
+    from modeling_speeder import SpeederModel, SpeederModelOutput
+
+    model, processor = make_tiny(family, catalog_item_bias=True)
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    layout = {k: v for k, v in inputs.items() if k != "candidate_item_index"}  # catalog rows are the heads' business
+    with torch.no_grad():
+        states = model.model(**layout)
+        out = model(**inputs, return_catalog_scores=True)
+    assert isinstance(model.model, SpeederModel) and isinstance(states, SpeederModelOutput)
+    assert states.last_hidden_state.shape[:2] == inputs["input_ids"].shape
+    torch.testing.assert_close(out.candidate_scores, model.candidate_head(states.candidate_hidden_states).squeeze(-1))
+    torch.testing.assert_close(out.catalog_scores, model.catalog_logits(states.query_hidden_state))
+
+
+def test_misspelled_forward_argument_is_an_error():
+    model, processor = make_tiny("llama")
+    with pytest.raises(TypeError, match=r"unexpected arguments \['candidate_scorng'\]"):
+        model(**processor(histories=HISTORIES, candidates=CANDIDATES), candidate_scorng="mask")
+
+
+FIXTURE = __import__("pathlib").Path(__file__).parent / "fixtures" / "speeder-checkpoint-8b1321b"
+
+
+def test_checkpoint_saved_before_the_headless_split_loads_and_scores_the_same(tmp_path):
+    """A checkpoint saved by the code of commit 8b1321b (weights `backbone.*`, `mrc.*` at the top level) loads through
+    AutoModel, computes the scores that code computed, and is saved again under today's names."""
+    import json
+
+    from safetensors import safe_open
+
+    from modeling_speeder import SpeederModel
+
+    expected = json.loads((FIXTURE / "expected_outputs.json").read_text())
+    with safe_open(FIXTURE / "model.safetensors", "pt") as stored:
+        assert "mrc.presence" in stored.keys(), "the fixture must hold the old names"
+    model, processor = AutoModel.from_pretrained(FIXTURE), AutoProcessor.from_pretrained(FIXTURE)
+    assert isinstance(model, SpeederForSequentialRecommendation)
+    inputs = processor(histories=expected["histories"], candidates=expected["candidates"])
+    with torch.no_grad():
+        out = model(**inputs, return_catalog_scores=True)
+    torch.testing.assert_close(out.candidate_scores, torch.tensor(expected["candidate_scores"]))
+    torch.testing.assert_close(out.catalog_scores[0], torch.tensor(expected["catalog_scores_first_row"]))
+    model.save_pretrained(tmp_path / "resaved")
+    with safe_open(tmp_path / "resaved" / "model.safetensors", "pt") as stored:
+        assert "model.mrc.presence" in stored.keys() and not any(k.startswith("mrc.") for k in stored.keys())
+    headless = SpeederModel.from_pretrained(FIXTURE)
+    torch.testing.assert_close(headless.mrc.features_text, model.mrc.features_text)
+    reloaded = SpeederForSequentialRecommendation.from_pretrained(tmp_path / "resaved")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).candidate_scores, out.candidate_scores)

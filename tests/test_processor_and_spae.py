@@ -69,7 +69,7 @@ def test_recency_embedding_makes_order_matter():
     with torch.no_grad():
         a, b = model(**inputs).candidate_scores, model(**swapped).candidate_scores
         assert not torch.allclose(a, b, atol=1e-6)
-        model.recency_embedding.weight.zero_()
+        model.model.recency_embedding.weight.zero_()
         a, b = model(**inputs).candidate_scores, model(**swapped).candidate_scores
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -42,11 +42,11 @@ def test_mpo_stage_plan_transitions_and_resume():
         (0, 34, ["text"]), (34, 67, ["text", "image"]), (67, 100, ["text", "image", "id"])]
     callback._trainable = {n for n, _ in model.named_parameters()}
     callback._apply(model, 0, 100)
-    assert model.modality_keep_prob.tolist() == [1.0, 0.0, 0.0]
+    assert model.model.modality_keep_prob.tolist() == [1.0, 0.0, 0.0]
     callback._apply(model, 40, 100)  # stage 2, ramp over half of 33 steps: 7 steps in
-    assert model.modality_keep_prob[1].item() == pytest.approx(7 / 16.5)
+    assert model.model.modality_keep_prob[1].item() == pytest.approx(7 / 16.5)
     callback._apply(model, 99, 100)
-    assert model.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
+    assert model.model.modality_keep_prob.tolist() == [1.0, 1.0, 1.0]
     resumed = SpeederMPOCallback()
     resumed._trainable = callback._trainable
     resumed._apply(model, 50, 100)  # a run resumed at step 50 starts in stage 2
@@ -65,7 +65,7 @@ def test_mpo_trainable_groups_and_skipped_stage(caplog):
     callback._trainable = {n for n, p in model.named_parameters()}
     callback._apply(model, 0, 10)
     assert not any(p.requires_grad for p in model.backbone.parameters())
-    assert model.mrc.gate.weight.requires_grad and not model.recency_embedding.weight.requires_grad
+    assert model.mrc.gate.weight.requires_grad and not model.model.recency_embedding.weight.requires_grad
     callback._apply(model, 6, 10)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -80,7 +80,7 @@ def test_parameter_groups_cover_the_model_and_survive_peft():
     assert [n for n in names if model.parameter_group(n) is None] == []
     for group, paths in model.parameter_groups.items():
         for path in paths:
-            if path == "mrc.residual_embedding" and model.mrc.residual_embedding is None:
+            if path == "model.mrc.residual_embedding" and model.mrc.residual_embedding is None:
                 continue  # an option this model was built without
             assert any(n == path or n.startswith(path + ".") for n in names), f"{group}: {path} names no parameter"
     peft_model = apply_lora(model, r=4)
@@ -275,7 +275,8 @@ def test_dense_catalog_training_labels_and_loss():
     out = model(**inputs, output_hidden_states=True)
     last = out.hidden_states[-1]
     keep = labels >= 0
-    expected = torch.nn.functional.cross_entropy(model.query_proj(last[keep]) @ model.item_representations().T, labels[keep])
+    catalog_scores = model.query_proj(last[keep]) @ model.model.item_representations().T
+    expected = torch.nn.functional.cross_entropy(catalog_scores, labels[keep])
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert model.query_proj.weight.grad.abs().sum() > 0 and model.candidate_head.weight.grad is None
@@ -368,7 +369,7 @@ def test_mpo_ramp_mask_is_drawn_by_the_collator_not_the_model():
     inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).candidate_scores, model(**inputs).candidate_scores, rtol=0, atol=0)
-    keep = model.modality_keep_prob.clone()
+    keep = model.model.modality_keep_prob.clone()
     rows = [{"history": h, "target": t, "candidates": []} for h, t in zip(HISTORIES * 100, TARGETS * 100)]
     batch = SpeederDataCollator(processor, num_negatives=3, modality_keep_probabilities=lambda: keep)(rows)
     mask = batch["modality_mask"]

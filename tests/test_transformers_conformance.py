@@ -22,7 +22,7 @@ sys.path.insert(0, str(SDIST_TESTS))
 from transformers_tests.test_configuration_common import ConfigTester  # noqa: E402
 from transformers_tests.test_modeling_common import ModelTesterMixin  # noqa: E402
 
-from modeling_speeder import SpeederConfig, SpeederForSequentialRecommendation  # noqa: E402
+from modeling_speeder import SpeederConfig, SpeederForSequentialRecommendation, SpeederModel  # noqa: E402
 from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer  # noqa: E402
 
 
@@ -63,8 +63,12 @@ class SpeederModelTester:
 LAYOUT = "Speeder's forward needs the processor's layout (item, recency and query indices with the placeholders)"
 
 
+# What only the heads take: the headless SpeederModel gets the layout alone.
+HEAD_INPUTS = ("candidate_item_index", "labels", "catalog_labels")
+
+
 class SpeederConformance(ModelTesterMixin):
-    all_model_classes = (SpeederForSequentialRecommendation,)
+    all_model_classes = (SpeederModel, SpeederForSequentialRecommendation)
     family, candidates = "llama", True
     test_resize_embeddings = False  # resizing feeds random token ids; the layout check rejects stray placeholders
 
@@ -72,12 +76,43 @@ class SpeederConformance(ModelTesterMixin):
         self.model_tester = SpeederModelTester(self, self.family, self.candidates)
         self.config_tester = ConfigTester(self, config_class=SpeederConfig, has_text_modality=False)
 
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        return {k: v for k, v in inputs.items() if k not in HEAD_INPUTS} if model_class is SpeederModel else inputs
+
+    # transformers' training tests leave out base models by their AutoModel mapping; for speeder AutoModel gives the
+    # recommendation model (the Hub use case), so the headless SpeederModel, which has no loss, is left out here.
+    def _with_heads_only(self, test):
+        self.all_model_classes = (SpeederForSequentialRecommendation,)
+        try:
+            test()
+        finally:
+            del self.all_model_classes
+
+    def test_training(self):
+        self._with_heads_only(super().test_training)
+
+    def test_training_gradient_checkpointing(self):
+        self._with_heads_only(super().test_training_gradient_checkpointing)
+
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        self._with_heads_only(super().test_training_gradient_checkpointing_use_reentrant_false)
+
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
+        self._with_heads_only(super().test_training_gradient_checkpointing_use_reentrant_true)
+
     def test_config(self):
         self.config_tester.run_common_tests()
 
     @unittest.skip("by design: a folder holding only the backbone is refused by SpeederForSequentialRecommendation."
                    "from_pretrained with a clear error (reliability issue, item 18), instead of loading with missing keys")
     def test_correct_missing_keys(self):
+        pass
+
+    @unittest.skip("a defect of the test in transformers 5.24: for a bool tensor (the feature bank's presence buffer) it "
+                   "calls `state_dict()[key]` on the dict and raises TypeError. Save/load round trips of both classes are "
+                   "checked by test_save_load and tests/test_model_contract.py")
+    def test_torch_save_load(self):
         pass
 
     @unittest.skip("by design: a checkpoint without its feature bank (the catalog) is refused on load (reliability "
