@@ -83,11 +83,35 @@ def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor
         raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
 
 
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform or
+    file system cannot, so the caller falls back to two renames."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no C library found, or a glibc older than 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot exchange
+        return False
+    raise OSError(errno, f"{os.strerror(errno)}: exchanging {a} and {b}")
+
+
 def replace_directory(new: Path, final: Path):
-    """Make the finished folder `new` take the place of `final`. The old folder is moved aside first and removed
-    last, so at every moment one complete version exists (at `final`, or beside it while the two renames run).
-    `new` keeps the mode of the folder it replaces (a new one gets the user's umask, as its files do); a folder that
-    is read-only to its owner is refused, not replaced."""
+    """Make the finished folder `new` take the place of `final`. On Linux the two folders are exchanged in one atomic
+    step, so a concurrent reader always finds a complete `final`, old or new; elsewhere the old folder is moved aside
+    first and removed last (a short window, two renames, where `final` is missing). `new` keeps the mode of the
+    folder it replaces (a new one gets the user's umask, as its files do); a folder that is read-only to its owner is
+    refused, not replaced."""
     umask = os.umask(0)
     os.umask(umask)
     if final.exists() and not final.stat().st_mode & 0o200:
@@ -95,14 +119,16 @@ def replace_directory(new: Path, final: Path):
     for path in new.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     new.chmod(final.stat().st_mode & 0o7777 if final.exists() else 0o777 & ~umask)
-    if final.exists():
+    if not final.exists():
+        new.rename(final)
+    elif _exchange_paths(new, final):
+        shutil.rmtree(new)  # now the previous version
+    else:
         previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
         shutil.rmtree(previous, ignore_errors=True)
         final.rename(previous)
         new.rename(final)
         shutil.rmtree(previous)
-    else:
-        new.rename(final)
 
 
 @contextmanager
