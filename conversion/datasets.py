@@ -215,9 +215,13 @@ def convert_recbole(directory: str | os.PathLike, name: str, **split_kwargs):
     return leave_one_out(sequences, item_ids, **split_kwargs), items
 
 
-def convert_unisrec(directory: str | os.PathLike, name: str, **split_kwargs):
+def convert_unisrec(directory: str | os.PathLike, name: str, feature_dims: dict[str, int] | None = None, **split_kwargs):
     """UniSRec / MISSRec exports: `<name>.{train,valid,test}.inter`, `<name>.item2index`, `<name>.text` and the
     raw float32 feature files `<name>.feat1CLS` (text) and `<name>.feat3CLS` (image), row i = item index i.
+
+    The files carry no shape: the width is the file's size over the item count. `feature_dims` ({"text": 512, ...},
+    the encoder's width) turns that inference into a check, so a file truncated to a whole number of rows (say, to
+    exactly half its width) is refused instead of loading as a narrower feature.
 
     Returns (splits, items, features)."""
     directory = Path(directory)
@@ -245,7 +249,12 @@ def convert_unisrec(directory: str | os.PathLike, name: str, **split_kwargs):
             raw = np.fromfile(path, dtype="<f4")
             if raw.size % len(item_ids):
                 raise ValueError(f"{path}: {raw.size} floats do not divide into {len(item_ids)} item rows")
-            features[modality] = torch.from_numpy(raw.reshape(len(item_ids), -1).copy())
+            width = raw.size // len(item_ids)
+            expected = (feature_dims or {}).get(modality)
+            if expected is not None and width != expected:
+                raise ValueError(f"{path}: {raw.size} floats make {len(item_ids)} rows of {width}, but the {modality} "
+                                 f"encoder's width is {expected}: the file is truncated or from another encoder")
+            features[modality] = torch.from_numpy(raw.reshape(len(item_ids), width).copy())
     return leave_one_out(sequences, item_ids, **split_kwargs), items, features
 
 

@@ -24,6 +24,17 @@ def _number(kind, low, low_inclusive=True, high=None):
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+
+
+def _feature_dims(text: str) -> dict[str, int]:
+    """'text=512,image=512' -> {'text': 512, 'image': 512}."""
+    dims = {}
+    for part in text.split(","):
+        modality, _, width = part.partition("=")
+        if modality.strip() not in ("text", "image") or not width.strip().isdigit() or int(width) < 1:
+            raise argparse.ArgumentTypeError(f"expected modality=width pairs such as text=512,image=512, got {part!r}")
+        dims[modality.strip()] = int(width)
+    return dims
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
 
 
@@ -139,7 +150,7 @@ def convert(args):
         directory = ds.movielens_100k_path() if args.format == "movielens-100k" else Path(args.input)
         splits, items = ds.convert_recbole(directory, args.name or "ml-100k", **split)
     elif args.format == "unisrec":
-        splits, items, features = ds.convert_unisrec(args.input, args.name, **split)
+        splits, items, features = ds.convert_unisrec(args.input, args.name, feature_dims=args.feature_dims, **split)
     elif args.format == "s3rec":
         splits, items = ds.convert_s3rec(args.input, args.name, **split)
     elif args.format == "lcrec":
@@ -413,6 +424,8 @@ def build_parser():
     p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
     p.add_argument("--time-column", default="timestamp", help="csv: the time column, if present (else file order)")
     p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
+    p.add_argument("--feature-dims", type=_feature_dims, default=None,
+                   help="unisrec: the encoders' widths, e.g. text=512,image=512: checks the feat*CLS files (else inferred)")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,
                    help="amazon2023: keep users and items with at least this many interactions")
     p.add_argument("--negatives", type=POSITIVE_INT, default=19,  # evaluation.NUM_NEGATIVES (it imports torch)

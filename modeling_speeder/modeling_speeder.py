@@ -826,26 +826,28 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,  # (B, T) prompt, either padding side
-        attention_mask: torch.LongTensor | None = None,  # (B, T); None: no padding
-        position_ids: torch.LongTensor | None = None,  # (B, T) SPAE item-level positions (from the processor)
-        item_token_index: torch.LongTensor | None = None,  # (B, T) item * K + k at placeholders, -1 elsewhere
-        recency_index: torch.LongTensor | None = None,  # (B, T) recency at history tokens, max_history at candidates
-        query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
+        # The processor's layout, passed on to SpeederModel.forward (shapes there).
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        item_token_index: torch.LongTensor | None = None,
+        recency_index: torch.LongTensor | None = None,
+        query_index: torch.LongTensor | None = None,
+        candidate_token_index: torch.LongTensor | None = None,
+        candidate_segment_ids: torch.LongTensor | None = None,
+        # The heads' inputs.
         candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
-        candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
-        candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
         catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
         dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
         # () divide the summed dense loss by this instead of the batch's label count (length-grouped batches)
         dense_loss_normalizer: torch.Tensor | None = None,
-        modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
         return_catalog_scores: bool = False,
-        output_hidden_states: bool | None = None,  # None: config.output_hidden_states
-        output_attentions: bool | None = None,  # None: config.output_attentions
-        return_dict: bool | None = None,  # None: config.return_dict; False gives a tuple
-        candidate_scoring: str = "auto",  # "mask" (one pass, isolation mask), "prefix_cache", or "auto"
+        modality_mask: torch.BoolTensor | None = None,  # as SpeederModel.forward's, and the next four
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        candidate_scoring: str = "auto",
         **kwargs: Unpack[TransformersKwargs],  # the backbone's (packed batches' boundaries: SpeederModel.forward)
     ) -> SpeederRecommendationOutput:
         """Candidates in the prompt (`candidate_token_index`) are scored by the candidate head; candidates given only

@@ -65,7 +65,7 @@ def prepare_dataset(name: str, output: Path) -> dict:
     if name != "ml-100k" and source is None:
         raise FileNotFoundError(f"../shared/data/{SHARED_DATASETS[name][0]} was not found next to this checkout")
     if name == "scientific":
-        splits, items, features = convert_unisrec(source, "Scientific")
+        splits, items, features = convert_unisrec(source, "Scientific", feature_dims={"text": 512, "image": 512})  # CLIP
     else:
         if name == "ml-100k":
             splits, items = convert_recbole(movielens_100k_path(), "ml-100k")

@@ -114,6 +114,9 @@ def test_unisrec_fixture(tmp_path):
     np.arange(31, dtype="<f4").tofile(tmp_path / "T.feat3CLS")
     with pytest.raises(ValueError, match="do not divide into 30 item rows"):
         convert_unisrec(tmp_path, "T")
+    np.arange(30 * 2, dtype="<f4").tofile(tmp_path / "T.feat3CLS")  # a 4-wide file truncated to exactly half
+    with pytest.raises(ValueError, match="rows of 2, but the image encoder's width is 4: the file is truncated"):
+        convert_unisrec(tmp_path, "T", feature_dims={"text": 4, "image": 4})
 
 
 @pytest.mark.skipif(not (SHARED / "amazon-scientific-mm").exists(), reason="../shared/data/amazon-scientific-mm is absent")
