@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ def run_in_batches(n: int, batch_size: int, encode: Callable[[int, int], tuple[t
                    cache_dir: str | os.PathLike | None = None, desc: str = "features"):
     """Call `encode(start, end)` -> (features, presence) for each batch, with a progress bar. With `cache_dir`,
     each finished batch is saved there (written to a temporary name, then renamed) and skipped on a rerun, so an
-    interrupted extraction resumes where it stopped."""
+    interrupted extraction resumes where it stopped. `encode` may add a third value, False for a batch that must not
+    be cached (it lacks what a rerun could still get, such as images skipped once the download budget was spent)."""
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -57,9 +59,9 @@ def run_in_batches(n: int, batch_size: int, encode: Callable[[int, int], tuple[t
             saved = load_file(path)
             x, p = saved["features"], saved["presence"]
         else:
-            x, p = encode(start, end)
+            x, p, *cacheable = encode(start, end)
             x, p = x.float().contiguous(), p.bool().contiguous()
-            if path is not None:
+            if path is not None and all(cacheable):
                 tmp = path.with_suffix(".tmp")
                 save_file({"features": x, "presence": p}, tmp)
                 tmp.rename(path)
@@ -99,30 +101,56 @@ def encode_texts(texts: Sequence[str], encoder: str | os.PathLike | None = None,
 MAX_IMAGE_BYTES = 20 * 2**20  # a product image is far smaller; anything bigger is refused, not read into memory
 
 
-def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+@dataclass
+class FetchBudget:
+    """What one run may spend downloading images (every fetch is also bounded on its own by `fetch_url`): once the
+    time or the bytes are spent, the remaining URL images are not fetched and count as absent."""
+
+    seconds: float = 3600.0  # total transfer time across the run
+    max_bytes: int = 20 * 2**30  # total bytes across the run
+    spent_seconds: float = 0.0
+    spent_bytes: int = 0
+
+    def exhausted(self) -> bool:
+        return self.spent_seconds >= self.seconds or self.spent_bytes >= self.max_bytes
+
+
+def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, budget: FetchBudget | None = None) -> bytes:
     """The body of an http(s) URL, bounded in size and in total time (a slow-drip server cannot hold a run: the
-    deadline covers the whole transfer, not each socket read)."""
+    deadline covers the whole transfer, not each socket read); with a run's `budget`, also by what is left of it,
+    and what the fetch spent is charged to it, failed or not."""
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise ValueError(f"declares {int(declared)} bytes, more than the limit of {max_bytes}")
-        chunks, size = [], 0
-        while chunk := response.read1(65536):  # whatever has arrived: never blocks for a full 64 KiB
-            size += len(chunk)
-            if size > max_bytes:
-                raise ValueError(f"more than the limit of {max_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"still transferring after {timeout}s")
-            chunks.append(chunk)
+    if budget is not None:
+        if budget.exhausted():
+            raise TimeoutError(f"the run's image budget is spent ({budget.spent_seconds:.0f}s, {budget.spent_bytes} bytes)")
+        timeout = min(timeout, budget.seconds - budget.spent_seconds)
+        max_bytes = min(max_bytes, budget.max_bytes - budget.spent_bytes)
+    start = time.monotonic()
+    deadline, size = start + timeout, 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise ValueError(f"declares {int(declared)} bytes, more than the limit of {max_bytes}")
+            chunks = []
+            while chunk := response.read1(65536):  # whatever has arrived: never blocks for a full 64 KiB
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"more than the limit of {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"still transferring after {timeout}s")
+                chunks.append(chunk)
+    finally:
+        if budget is not None:
+            budget.spent_seconds += time.monotonic() - start
+            budget.spent_bytes += size
     return b"".join(chunks)
 
 
-def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES):
-    """A PIL image from a local path, raw bytes or an http(s) URL (bounded by `fetch_url`); None when it cannot be
-    read, with the reason logged."""
+def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, budget: FetchBudget | None = None):
+    """A PIL image from a local path, raw bytes or an http(s) URL (bounded by `fetch_url`, and by the run's
+    `budget`); None when it cannot be read, with the reason logged."""
     from PIL import Image
 
     try:
@@ -131,7 +159,7 @@ def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES):
         if isinstance(ref, (bytes, bytearray)):
             data = io.BytesIO(ref)
         elif str(ref).startswith(("http://", "https://")):
-            data = io.BytesIO(fetch_url(str(ref), timeout, max_bytes))
+            data = io.BytesIO(fetch_url(str(ref), timeout, max_bytes, budget))
         else:
             data = str(ref)
         return Image.open(data).convert("RGB")
@@ -141,9 +169,11 @@ def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES):
 
 
 @torch.inference_mode()
-def encode_images(images: Sequence, encoder: str | os.PathLike, batch_size: int = 32, cache_dir=None):
+def encode_images(images: Sequence, encoder: str | os.PathLike, batch_size: int = 32, cache_dir=None,
+                  fetch_budget: FetchBudget | None = None):
     """Image embeddings from any Transformers vision or CLIP/SigLIP model (hub id or local path). `images`: per
-    item a local path, bytes, an http(s) URL or None. Items whose image is missing or unreadable are absent."""
+    item a local path, bytes, an http(s) URL or None. Items whose image is missing or unreadable are absent; URL
+    downloads share one `fetch_budget` for the run (a default `FetchBudget` unless given)."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -152,7 +182,7 @@ def encode_images(images: Sequence, encoder: str | os.PathLike, batch_size: int 
     architectures = AutoConfig.from_pretrained(str(encoder)).architectures or []
     model_class = getattr(transformers, architectures[0], AutoModel) if architectures else AutoModel
     model = model_class.from_pretrained(str(encoder)).eval()
-    return encode_images_with(images, model, processor, batch_size, cache_dir)
+    return encode_images_with(images, model, processor, batch_size, cache_dir, fetch_budget)
 
 
 def _image_embedding(model, pixel_values):
@@ -167,9 +197,11 @@ def _image_embedding(model, pixel_values):
 
 
 @torch.inference_mode()
-def encode_images_with(images: Sequence, model, processor, batch_size: int = 32, cache_dir=None):
+def encode_images_with(images: Sequence, model, processor, batch_size: int = 32, cache_dir=None,
+                       fetch_budget: FetchBudget | None = None):
     """`encode_images` with an already loaded model and image processor."""
     width, unreadable = None, 0
+    budget = fetch_budget or FetchBudget()
     identity = f"{getattr(model, 'name_or_path', '')}|{model.config.to_json_string()}|{processor.to_json_string()}"
     cache_dir = keyed_cache_dir(cache_dir, identity, [r if isinstance(r, str) or r is None else
                                                       hashlib.sha256(bytes(r)).hexdigest() for r in images],
@@ -177,7 +209,7 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
 
     def encode(start, end):
         nonlocal width, unreadable
-        loaded = [load_image(ref) for ref in images[start:end]]
+        loaded = [load_image(ref, budget=budget) for ref in images[start:end]]
         unreadable += sum(img is None and ref not in (None, "") for img, ref in zip(loaded, images[start:end]))
         present = torch.tensor([img is not None for img in loaded])
         if not present.any():
@@ -186,18 +218,19 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
 
                 blank = processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
                 width = _image_embedding(model, blank["pixel_values"]).shape[-1]
-            return torch.zeros(end - start, width), present
+            return torch.zeros(end - start, width), present, not budget.exhausted()
         pixels = processor(images=[img for img in loaded if img is not None], return_tensors="pt")["pixel_values"]
         emb = _image_embedding(model, pixels)
         width = emb.shape[-1]
         x = torch.zeros(end - start, width)
         x[present] = emb.float()
-        return x, present
+        return x, present, not budget.exhausted()
 
     result = run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
     if unreadable:  # counted over the batches encoded in this run (cached batches were counted when encoded)
-        logger.warning("%d item images could not be read (too large, too slow or not an image): those items have no "
-                       "image feature", unreadable)
+        logger.warning("%d item images could not be read (too large, too slow, not an image, or the run's download budget "
+                       "spent: %.0fs, %d bytes): those items have no image feature", unreadable, budget.spent_seconds,
+                       budget.spent_bytes)
     return result
 
 
@@ -218,5 +251,5 @@ def collaborative_features(train_sequences: Sequence[Sequence[int]], num_items: 
     return features, seen, model
 
 
-__all__ = ["collaborative_features", "default_text_encoder_path", "encode_images", "encode_images_with",
+__all__ = ["FetchBudget", "collaborative_features", "default_text_encoder_path", "encode_images", "encode_images_with",
            "encode_texts", "load_image", "run_in_batches"]

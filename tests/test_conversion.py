@@ -272,7 +272,7 @@ def test_image_fetch_is_bounded_in_size_and_time():
     import threading
     import time
 
-    from modeling_speeder.conversion.features import fetch_url, load_image
+    from modeling_speeder.conversion.features import FetchBudget, fetch_url, load_image
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -304,6 +304,14 @@ def test_image_fetch_is_bounded_in_size_and_time():
         with pytest.raises(TimeoutError, match="still transferring after 0.5s"):
             fetch_url(base + "/drip", timeout=0.5)
         assert load_image(base + "/huge") is None and load_image(base + "/drip", timeout=0.5) is None
+        # A run's budget: each fetch is charged (failed ones too), and once it is spent no further URL is fetched.
+        budget = FetchBudget(seconds=60, max_bytes=5000)
+        assert len(fetch_url(base + "/undeclared", budget=budget)) == 3000 and budget.spent_bytes == 3000
+        with pytest.raises(ValueError, match="more than the limit of 2000 bytes"):
+            fetch_url(base + "/undeclared", budget=budget)  # 2,000 bytes left of the run's 5,000
+        assert budget.exhausted() and load_image(base + "/undeclared", budget=budget) is None
+        with pytest.raises(TimeoutError, match="the run's image budget is spent"):
+            fetch_url(base + "/undeclared", budget=budget)
     finally:
         server.shutdown()
 
