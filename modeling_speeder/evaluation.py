@@ -1,8 +1,8 @@
 """One home for the evaluation protocol: ranking metrics, ranking with history exclusion, the popularity baseline,
 popularity and history-length buckets, and the training windows that cover every training target.
 
-Speeder's evaluation, the SASRec baseline and `recommend()` all rank through `exclude_history` + `target_ranks`, so
-the benchmarks score the way users are served.
+Speeder's evaluation, the SASRec baseline and `recommend()` all exclude history items through one function,
+`exclude_history` (in the model file), so the benchmarks exclude what users are served without.
 """
 
 from collections import Counter
@@ -10,6 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+# Lives in the model file, which `recommend()` runs from (also as remote code, without this package).
+from .modeling_speeder import exclude_history
 
 NUM_NEGATIVES = 19  # protocol P: the target plus 19 seeded negatives, 20 candidates
 HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, None))
@@ -43,19 +46,6 @@ def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:
     if nonfinite:
         out["nonfinite_scores"] = nonfinite
     return out
-
-
-def exclude_history(scores: torch.Tensor, histories: Sequence[Sequence[int]], keep: torch.Tensor | None = None):
-    """Set the scores of each user's history items to -inf, in place. scores: (B, N) catalog scores; histories: catalog
-    rows per user; keep: (B,) rows never excluded (the evaluation target, which a user may have seen before)."""
-    rows = [b for b, h in enumerate(histories) for _ in h]
-    cols = [i for h in histories for i in h]
-    if cols:
-        kept = None if keep is None else scores.gather(1, keep[:, None])
-        scores[rows, cols] = float("-inf")
-        if keep is not None:
-            scores.scatter_(1, keep[:, None], kept)
-    return scores
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,25 @@ def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor
         raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
 
 
+def exclude_history(scores: torch.Tensor, histories: Sequence[Sequence[int]], keep: torch.Tensor | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """Set the scores of each user's history items to -inf, in place. scores: (B, W) scores of catalog rows
+    offset .. offset + W - 1 (the whole catalog, or one chunk of it); histories: catalog rows per user; keep: (B,)
+    rows never excluded (the evaluation target, which a user may have seen before), with whole-catalog scores.
+    `recommend()`, Speeder's evaluation and the SASRec baseline all exclude through this function."""
+    if keep is not None and (offset or scores.shape[1] <= int(keep.max())):
+        raise ValueError("keep= needs the scores of the whole catalog (offset 0)")
+    width = scores.shape[1]
+    pairs = [(b, i - offset) for b, h in enumerate(histories) for i in h if offset <= i < offset + width]
+    if pairs:
+        rows, cols = zip(*pairs)
+        kept = None if keep is None else scores.gather(1, keep[:, None])
+        scores[list(rows), list(cols)] = float("-inf")
+        if keep is not None:
+            scores.scatter_(1, keep[:, None], kept)
+    return scores
+
+
 def _exchange_paths(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform or
     file system cannot, so the caller falls back to two renames."""
@@ -1016,9 +1035,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             if bias is not None:
                 scores = scores + bias[start : start + chunk_size]
             if exclude is not None:
-                for b, rows in enumerate(exclude):
-                    local = [r - start for r in rows if start <= r < start + scores.shape[1]]
-                    scores[b, local] = float("-inf")
+                exclude_history(scores, exclude, offset=start)
             # Top-k of the chunk first, then merge k-sized lists: extra memory is one chunk of scores.
             chunk_scores, chunk_rows = scores.topk(min(top_k, scores.shape[1]), dim=1)
             merged_scores = torch.cat([best_scores, chunk_scores], 1)
@@ -1030,6 +1047,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
 __all__ = [
     "check_feature_bank",
+    "exclude_history",
     "SpeederPreTrainedModel",
     "SpeederForSequentialRecommendation",
     "SpeederModalityExperts",
