@@ -331,7 +331,7 @@ class SpeederPreTrainedModel(PreTrainedModel):
             ) from err
         if legacy:  # saved again, the model writes today's names (save_pretrained would otherwise undo the renaming)
             model._weight_conversions = [t for t in getattr(model, "_weight_conversions", None) or []
-                                         if not (isinstance(t, WeightRenaming) and t.target_patterns[0].startswith("model."))]
+                                         if not (isinstance(t, WeightRenaming) and t.source_patterns[0] in LEGACY_KEY_MAPPING)]
         # The feature bank is the catalog: a missing tensor would be uninitialised memory, not a default.
         missing_bank = [k for k in info["missing_keys"] if "mrc.features_" in k or k.endswith("mrc.presence")]
         if missing_bank:
