@@ -2,7 +2,7 @@
 popularity and history-length buckets, and the training windows that cover every training target.
 
 Speeder's evaluation, the SASRec baseline and `recommend()` all exclude history items through one function,
-`exclude_history` (in the model file), so the benchmarks exclude what users are served without.
+`exclude_history` (in the model file), so the benchmarks leave out exactly what users are never recommended.
 """
 
 from collections import Counter

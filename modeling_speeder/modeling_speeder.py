@@ -89,7 +89,7 @@ def exclude_history(scores: torch.Tensor, histories: Sequence[Sequence[int]], ke
     offset .. offset + W - 1 (the whole catalog, or one chunk of it); histories: catalog rows per user; keep: (B,)
     rows never excluded (the evaluation target, which a user may have seen before), with whole-catalog scores.
     `recommend()`, Speeder's evaluation and the SASRec baseline all exclude through this function."""
-    if keep is not None and (offset or scores.shape[1] <= int(keep.max())):
+    if keep is not None and offset:
         raise ValueError("keep= needs the scores of the whole catalog (offset 0)")
     width = scores.shape[1]
     pairs = [(b, i - offset) for b, h in enumerate(histories) for i in h if offset <= i < offset + width]
