@@ -5,7 +5,8 @@ validation every epoch, best checkpoint, early stopping) on the same SASRec `id`
 
 DATA_DIR: a canonical dataset folder (e.g. `outputs/demo-ml-100k/data`); SASREC_DIR: a saved SASRec
 (`SASRecModel.save_pretrained`, e.g. from `speeder features --collaborative`, which writes DATA_DIR/sasrec). A variant's
-overrides are SpeederConfig fields, plus "backbone": {tiny config fields} and "train": {recipes.train arguments}.
+overrides are SpeederConfig fields, plus "backbone": {tiny config fields}, "train": {recipes.train arguments} and
+"sasrec": false (no `id` modality).
 Prints one RESULT line per variant and writes OUTPUT_DIR/variants.json.
 """
 
@@ -35,13 +36,18 @@ def main():
         backbone, tokenizer = load_backbone("tiny-llama")
         for key, value in overrides.pop("backbone", {}).items():
             setattr(backbone, key, value)
+        # "sasrec": false builds the model without the `id` modality (text / image only)
+        use_sasrec = overrides.pop("sasrec", True)
         model, processor, splits = recipes.build_for_dataset(Path(data), backbone=backbone, tokenizer=tokenizer,
-                                                             sasrec=sasrec, max_history=50, **overrides)
+                                                             sasrec=sasrec if use_sasrec else None,
+                                                             learned_id_dim=64 if use_sasrec else 0,
+                                                             max_history=50, **overrides)
         start = time.perf_counter()
         report = recipes.train(model, processor, splits, output / name, **train_kwargs)
         test = report["test"]
         results[name] = {"overrides": overrides, "train": train_kwargs, "seconds": round(time.perf_counter() - start),
                          "epochs": report["epochs"], "best_validation_ndcg@10": report["best_validation_ndcg@10"],
+                         "validation": {k: report["validation"][k] for k in ("hr@1", "ndcg@10", "full_hr@10", "full_ndcg@10")},
                          "test": {k: test[k] for k in ("hr@1", "ndcg@10", "mrr", "full_hr@10", "full_ndcg@10")},
                          "cold": {k: test["by_target_popularity"]["cold"][k] for k in ("hr@1", "ndcg@10")}}
         print("RESULT", name, json.dumps(results[name]), flush=True)

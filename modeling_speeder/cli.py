@@ -35,6 +35,22 @@ def _feature_dims(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected modality=width pairs such as text=512,image=512, got {part!r}")
         dims[modality.strip()] = int(width)
     return dims
+def _modality_dropout(text: str) -> dict[str, float]:
+    """'id=0.7' -> {'id': 0.7}: the share of training examples that do without each named modality."""
+    shares = {}
+    for part in text.split(","):
+        modality, _, share = part.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if modality.strip() not in ("text", "image", "id") or not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"expected modality=share pairs with shares in [0, 1), such as id=0.7, "
+                                             f"got {part!r}")
+        shares[modality.strip()] = value
+    return shares
+
+
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
 
 
@@ -291,7 +307,8 @@ def train_command(args):
                            batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows,
                            selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
-                           save_steps=args.save_steps, head=args.head, packed=args.packed)
+                           save_steps=args.save_steps, head=args.head, packed=args.packed,
+                           modality_dropout=args.modality_dropout)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
               "the metrics below are those of a diverged model. Lower --lr.", file=sys.stderr)
@@ -477,6 +494,9 @@ def build_parser():
                    help="evaluate and checkpoint every N steps (default: every epoch)")
     p.add_argument("--lora-r", type=NON_NEGATIVE_INT, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
     p.add_argument("--no-mpo", action="store_true", help="ablation: all modalities from step 0")
+    p.add_argument("--modality-dropout", type=_modality_dropout, default=None,
+                   help="e.g. id=0.7: MPO ramps end within one stage, then each named modality is left out of that share of "
+                        "the training examples (default: the last stage's ramp spans the epoch budget)")
     p.add_argument("--no-recency", action="store_true", help="ablation: no SPAE recency embeddings")
     p.add_argument("--no-item-positions", action="store_true", help="ablation: plain token position ids")
     p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")

@@ -63,7 +63,9 @@ class SpeederMPOCallback(TrainerCallback):
     """Runs the MPO schedule in `config.mpo_stages` (DESIGN.md section 6).
 
     Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
-    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (the
+    the stage over which newly added modalities go from 0 to 1 of the examples; or absolute `ramp_steps`) and its
+    `dropout` ({modality: p}: the share of training examples that do without that modality, as modality dropout) and
+    its `trainable` groups (the
     model's `parameter_groups`; an unknown group is an error). The stage follows from `global_step`, so a resumed
     run continues in the right stage; under PEFT only parameters that were trainable at the start are ever switched
     on. Stages that add a modality the
@@ -111,9 +113,11 @@ class SpeederMPOCallback(TrainerCallback):
             self._plan = (max_steps, self.plan(model, max_steps))
         plan = self._plan[1]
         stage = next((s for s in plan if s["start"] <= step < s["end"]), plan[-1])
-        ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
+        ramp_steps = stage["ramp_steps"] if "ramp_steps" in stage else stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
-        speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) for m in stage["modalities"]})
+        dropout = stage.get("dropout") or {}
+        speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) * (1.0 - dropout.get(m, 0.0))
+                                       for m in stage["modalities"]})
         self._keep = speeder.model.modality_keep_prob.detach().cpu().clone()
         if self.current != stage["index"]:
             self.current = stage["index"]
