@@ -70,6 +70,9 @@ class SpeederConfig(PreTrainedConfig):
     candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
     catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
     catalog_item_bias: bool = False  # a learned per-item bias on catalog-head scores (popularity prior)
+    # A free per-item vector (zero at build) added to each item's representation in the catalog head only (not to the
+    # prompt's item tokens): SASRec's free output embedding on top of the content vector.
+    catalog_item_embedding: bool = False
     # Which head ranks a candidate set: "candidate" (candidates in the prompt, the linear head on their last states)
     # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
     # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).

@@ -70,6 +70,14 @@ def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_
     return inner_mask
 
 
+def zero_at_build(table: nn.Embedding) -> nn.Embedding:
+    """Mark a table that must start at zero (an additive correction: a bias, a residual). `_init_weights` zeroes it
+    when it visits the table itself: a parent's zeroing would come too late, since transformers initialises each
+    parameter once and visits children before their parent."""
+    table.zero_at_build = True
+    return table
+
+
 def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor, modalities: Sequence[str]):
     """Raise unless every present feature row is finite and every item has a modality present: a NaN row, or an
     item with nothing present, would make that item everyone's top recommendation or a NaN score.
@@ -240,7 +248,9 @@ class SpeederModalityExperts(nn.Module):
                 self.register_buffer(f"feature_scale_{m}", torch.ones(1))
         self.id_embedding = nn.Embedding(config.num_items, config.learned_id_dim) if config.learned_id_dim else None
         self.residual_embedding = (
-            nn.Embedding(config.num_items, k * hidden_size) if config.item_residual_embedding and "id" in dims else None
+            zero_at_build(nn.Embedding(config.num_items, k * hidden_size))
+            if config.item_residual_embedding and "id" in dims
+            else None
         )
         self.register_buffer("presence", torch.ones(config.num_items, len(self.modalities), dtype=torch.bool))
 
@@ -371,12 +381,13 @@ class SpeederPreTrainedModel(PreTrainedModel):
                 raise
 
     def _init_weights(self, module):
+        if getattr(module, "zero_at_build", False):
+            init.zeros_(module.weight)
+            return
         super()._init_weights(module)
         if isinstance(module, SpeederModalityExperts):
             rms = self.config.item_token_rms or self.config.text_config.initializer_range
             init.constant_(module.token_gain, rms)
-            if module.residual_embedding is not None:
-                init.zeros_(module.residual_embedding.weight)
             for name, buffer in module.named_buffers(recurse=False):
                 if name.startswith(("feature_shift_", "features_")):  # the bank is filled by set_item_features
                     init.zeros_(buffer)
@@ -388,9 +399,6 @@ class SpeederPreTrainedModel(PreTrainedModel):
             if module.recency_embedding is not None:
                 # Small, so a pretrained backbone first sees item tokens almost unperturbed.
                 init.normal_(module.recency_embedding.weight, std=self.config.text_config.initializer_range)
-        elif isinstance(module, SpeederForSequentialRecommendation):
-            if module.catalog_item_bias is not None:
-                init.zeros_(module.catalog_item_bias.weight)
 
 
 # Weight names of checkpoints saved before the headless SpeederModel split (commit 8b1321b and earlier).
@@ -787,7 +795,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         "experts": ("model.mrc.experts", "model.mrc.id_embedding", "model.mrc.residual_embedding"),
         "gate": ("model.mrc.gate", "model.mrc.token_gain"),
         "spae": ("model.recency_embedding",),
-        "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
+        "heads": ("candidate_head", "query_proj", "catalog_item_bias", "catalog_item_embedding"),
         "backbone": ("model.backbone",),
     }
 
@@ -808,7 +816,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.candidate_head = nn.Linear(hidden_size, 1)
         self.query_proj = nn.Linear(hidden_size, hidden_size)
         # A module (not a bare parameter) so that PEFT's modules_to_save can train it next to LoRA adapters.
-        self.catalog_item_bias = nn.Embedding(config.num_items, 1) if config.catalog_item_bias else None
+        self.catalog_item_bias = zero_at_build(nn.Embedding(config.num_items, 1)) if config.catalog_item_bias else None
+        self.catalog_item_embedding = (
+            zero_at_build(nn.Embedding(config.num_items, hidden_size)) if config.catalog_item_embedding else None
+        )
         self.post_init()
 
     # The headless model's parts and catalog methods, as Llava's ForConditionalGeneration exposes its model's.
@@ -840,8 +851,14 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
         per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
         tokens cannot)."""
-        scores = self.query_proj(hidden) @ self.model.item_representations().T
+        scores = self.query_proj(hidden) @ self.catalog_item_vectors().T
         return scores if self.catalog_item_bias is None else scores + self.catalog_item_bias.weight[:, 0]
+
+    def catalog_item_vectors(self) -> torch.Tensor:
+        """(N, H) what the catalog head dots the projected query with: each item's representation, plus its free
+        vector when `config.catalog_item_embedding` is on."""
+        items = self.model.item_representations()
+        return items if self.catalog_item_embedding is None else items + self.catalog_item_embedding.weight
 
     def forward(
         self,
@@ -1025,7 +1042,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def _catalog_topk(self, query_hidden, top_k, exclude, chunk_size):
         """Top-k over the catalog in chunks, so extra memory stays O(B * chunk_size) whatever the catalog size."""
         query = self.query_proj(query_hidden)  # (B, H)
-        items = self.model.item_representations()  # (N, H)
+        items = self.catalog_item_vectors()  # (N, H)
         bias = None if self.catalog_item_bias is None else self.catalog_item_bias.weight[:, 0]
         top_k = min(top_k, self.config.num_items)
         best_scores = query.new_full((query.shape[0], 0), float("-inf"))
