@@ -142,7 +142,7 @@ def demo(args):
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
     report["popularity"] = recipes.popularity_report(splits, processor.item_ids, eval_rows=args.eval_rows)
-    report["dataset"] = {"name": dataset, **{k: v for k, v in stats.items() if k != "source"}}
+    report["dataset"] = recipes.dataset_summary(output / "data", name=dataset)
     recipes.write_report(output, report)
     print("Test split, 20 stored candidates (target + 19 seeded negatives); full = whole catalog, history excluded; "
           "cold = targets with at most 5 training interactions:")
@@ -309,6 +309,8 @@ def train_command(args):
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed,
                            modality_dropout=args.modality_dropout)
+    report["dataset"] = recipes.dataset_summary(args.data)  # for the model card (`speeder card --report`)
+    recipes.write_report(Path(args.output), report)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
               "the metrics below are those of a diverged model. Lower --lr.", file=sys.stderr)
@@ -335,7 +337,7 @@ def evaluate_command(args):
 
     counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
     metrics = recipes.evaluate_split(model, processor, recipes.select(splits[args.split], args.eval_rows), counts)
-    recipes.write_report(Path(args.output), {args.split: metrics})
+    recipes.write_report(Path(args.output), {args.split: metrics, "dataset": recipes.dataset_summary(args.data)})
     recipes.print_metrics_table({args.split: metrics})
     print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
 

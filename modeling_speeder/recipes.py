@@ -79,6 +79,17 @@ def prepare_dataset(name: str, output: Path) -> dict:
     return stats
 
 
+def dataset_summary(data_dir: Path, name: str | None = None) -> dict:
+    """The dataset's name and size for reports and model cards, from the canonical folder's stats.json: the name is
+    `name`, else the converter and its input (`movielens-100k`, `unisrec:amazon-scientific-mm`), else the folder."""
+    path = Path(data_dir) / "stats.json"
+    stats = json.loads(path.read_text()) if path.exists() else {}
+    converter, _, source = str(stats.get("source") or "").partition(":")
+    source = Path(source.rstrip("/")).name
+    name = name or (f"{converter}:{source}" if source else converter) or Path(data_dir).resolve().name
+    return {"name": name, **{k: v for k, v in stats.items() if k not in ("source", "seconds")}}
+
+
 def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, sasrec=None, **config_kwargs):
     """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given.
     sasrec: a SASRec trained on the training split, whose item embeddings become the `id` modality (present for items

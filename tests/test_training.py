@@ -272,6 +272,11 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
     cli(["train", "--config", str(tmp_path / "train.yaml")])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 6 and (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    # The report knows its dataset, so `speeder card --report` states it (the walkthrough's card said "? users").
+    assert report["dataset"]["users"] == 20 and report["dataset"]["items"] == 40 and report["dataset"]["name"] == "data"
+    from modeling_speeder.conversion.hub import render_model_card
+
+    assert "data: 20 users, 40 items" in str(render_model_card(tmp_path / "run" / "model", "org/x", report))
     assert (tmp_path / "run" / "training_curve.png").exists() and (tmp_path / "run" / "metrics_by_history_length.png").exists()
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["use_recency_embeddings"] is False
