@@ -80,7 +80,7 @@ def run(args):
         name = spec
         results[name] = {"seconds": round(time.perf_counter() - start, 1), "lr": lr, "head": head,
                          "parameters": sum(p.numel() for p in model.parameters()),
-                         **{k: report[k] for k in ("steps", "epochs", "train_seconds", "best_validation_ndcg@10")},
+                         **{k: report[k] for k in ("steps", "epochs", "train_seconds", "best_validation_metric")},
                          "validation": report["validation"], "test": report["test"]}
         print(name, json.dumps({k: results[name]["test"][k] for k in ("hr@1", "ndcg@10", "full_hr@10", "full_ndcg@10")},
                                default=str), flush=True)

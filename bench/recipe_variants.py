@@ -46,7 +46,7 @@ def main():
         report = recipes.train(model, processor, splits, output / name, **train_kwargs)
         test = report["test"]
         results[name] = {"overrides": overrides, "train": train_kwargs, "seconds": round(time.perf_counter() - start),
-                         "epochs": report["epochs"], "best_validation_ndcg@10": report["best_validation_ndcg@10"],
+                         "epochs": report["epochs"], "best_validation_metric": report["best_validation_metric"],
                          "validation": {k: report["validation"][k] for k in ("hr@1", "ndcg@10", "full_hr@10", "full_ndcg@10")},
                          "test": {k: test[k] for k in ("hr@1", "ndcg@10", "mrr", "full_hr@10", "full_ndcg@10")},
                          "cold": {k: test["by_target_popularity"]["cold"][k] for k in ("hr@1", "ndcg@10")}}

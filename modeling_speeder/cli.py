@@ -51,6 +51,9 @@ def _modality_dropout(text: str) -> dict[str, float]:
     return shares
 
 
+SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
+SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 on the stored candidates, "
+                  "or on the whole catalog with the history excluded (as SASRec is selected)")
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
 
 
@@ -137,7 +140,7 @@ def demo(args):
                                                          sasrec=sasrec_model, seed=args.seed)
     report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
                            eval_rows=args.eval_rows, selection_rows=selection_rows, seed=args.seed,
-                           learning_rate=args.lr)
+                           learning_rate=args.lr, selection_metric=args.selection_metric)
     print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
@@ -308,7 +311,7 @@ def train_command(args):
                            selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed,
-                           modality_dropout=args.modality_dropout)
+                           modality_dropout=args.modality_dropout, selection_metric=args.selection_metric)
     report["dataset"] = recipes.dataset_summary(args.data)  # for the model card (`speeder card --report`)
     recipes.write_report(Path(args.output), report)
     if report.get("diverged_at_step") is not None:
@@ -489,6 +492,7 @@ def build_parser():
     p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3,
                    help="evaluations without validation gain before stopping (0: never)")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
+    p.add_argument("--selection-metric", default="full_ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training rows per step")
     p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
@@ -557,6 +561,7 @@ def build_parser():
     p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping ends sooner")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None,
                    help="validation users scored for model selection (default: all; 5,000 on beauty)")
+    p.add_argument("--selection-metric", default="full_ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)

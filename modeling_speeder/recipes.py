@@ -28,7 +28,14 @@ from .evaluation import (
     training_windows,
 )
 from .processing.collator import SpeederDataCollator
-from .training import SpeederMPOCallback, StopOnNonFiniteLoss, compute_metrics, last_complete_checkpoint
+from .training import (
+    SpeederMPOCallback,
+    SpeederTrainer,
+    StopOnNonFiniteLoss,
+    compute_metrics,
+    last_complete_checkpoint,
+    unwrap_speeder,
+)
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,19 +169,25 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int, modality_dropout: 
 
 
 HEADS = ("catalog-dense", "candidate", "dense+candidate")
+SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
 
 
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
           learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
           packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
-          report_splits=("validation", "test"), modality_dropout: dict | None = None, **training_kwargs):
+          report_splits=("validation", "test"), modality_dropout: dict | None = None,
+          selection_metric: str = "full_ndcg@10", **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
-    The validation split's stored candidates are scored every epoch (`compute_metrics`; `selection_rows` users, all by
-    default), the best checkpoint on validation NDCG@10 is kept (`load_best_model_at_end`) and training stops after
-    `patience` evaluations without improvement. `max_steps` instead of `epochs` runs a fixed budget, evaluated every
-    `save_steps`. The (merged) best model and the processor go to output/model, report.json and plots to output.
+    The validation split is scored every epoch (`selection_rows` users, all by default), the best checkpoint on
+    `selection_metric` is kept (`load_best_model_at_end`) and training stops after `patience` evaluations without
+    improvement. selection_metric: "full_ndcg@10" (default) / "full_hr@10" (the whole catalog, history excluded, as
+    the SASRec baseline is selected; `SpeederTrainer`) or "ndcg@10" (the stored candidates, `compute_metrics`).
+    BENCHMARKS.md, "Selection metric": on Scientific the whole-catalog criterion trains longer (the stored-candidate
+    metric plateaus while whole-catalog ranking still improves) and gains on every test column.
+    `max_steps` instead of `epochs` runs a fixed budget, evaluated every `save_steps`. The (merged) best model and the
+    processor go to output/model, report.json and plots to output.
 
     head: "catalog-dense" (default; the catalog head, full softmax, every training target of every user once per
     epoch through overlapping windows, one causal pass per window; the model then ranks candidate sets with the
@@ -184,18 +197,20 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
     packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
     kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves)."""
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     output = Path(output)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if selection_metric not in SELECTION_METRICS:
+        raise ValueError(f"selection_metric must be one of {SELECTION_METRICS}, got {selection_metric!r}")
     model.check_processor(processor)
     if head == "dense+candidate":
         # Dense catalog pre-training on every target, then the candidate head learns on top with the catalog loss kept
         # on (joint), both stages selected on validation; the model then ranks candidate sets with the candidate head.
         common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
                       selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
-                      warmup_ratio=warmup_ratio, **training_kwargs)
+                      warmup_ratio=warmup_ratio, selection_metric=selection_metric, **training_kwargs)
         # The first stage reports validation only: the test split is read once, after the last stage.
         dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
                              patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",),
@@ -230,7 +245,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         max_steps=max_steps if fixed_budget else -1, num_train_epochs=epochs, learning_rate=learning_rate,
         warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=max(1, min(eval_every, steps_per_epoch) // 4),
         eval_strategy="steps", eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model="ndcg@10", greater_is_better=True,
+        load_best_model_at_end=True, metric_for_best_model=selection_metric, greater_is_better=True,
         remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=seed,
         gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
@@ -255,8 +270,13 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         selection = selection.add_column("length", [len(h) for h in selection["history"]])
     divergence = StopOnNonFiniteLoss()
     callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=selection,
+    extra_metrics = None
+    if selection_metric.startswith("full_"):
+        def extra_metrics(trained):  # the whole catalog for the same validation users, history excluded
+            metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
+            return {k: v for k, v in metrics.items() if k.startswith("full_") and isinstance(v, float)}
+    trainer = SpeederTrainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
                                           dense_labels_per_row=labels_per_row,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
@@ -278,7 +298,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     report = {"head": head, "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
               "epochs": round(trainer.state.global_step / steps_per_epoch, 2), "training_rows": len(train_rows),
               "best_checkpoint": trainer.state.best_model_checkpoint,
-              "best_validation_ndcg@10": trainer.state.best_metric,
+              "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,

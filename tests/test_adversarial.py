@@ -283,6 +283,9 @@ def test_cli_default_negatives_is_the_protocol_constant():
 
     parser, _ = build_parser()
     assert parser.parse_args(["convert", "--format", "csv", "--output", "o"]).negatives == NUM_NEGATIVES
+    from modeling_speeder import cli, recipes
+
+    assert cli.SELECTION_METRICS == recipes.SELECTION_METRICS  # spelled twice for the same reason
 
 
 def test_concurrent_reader_always_finds_a_complete_checkpoint(tmp_path):

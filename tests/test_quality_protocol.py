@@ -104,9 +104,11 @@ def test_exclude_history_keeps_the_target():
     assert scores[0].tolist() == [0, float("-inf"), 2, 3, 4, 5] and scores[1, 5] == float("-inf")
 
 
-def test_speeder_is_selected_on_validation(tmp_path):
+@pytest.mark.parametrize("metric", ["ndcg@10", "full_ndcg@10"])
+def test_speeder_is_selected_on_validation(tmp_path, metric):
     """The recipe evaluates the validation split every epoch through the Trainer, keeps the best checkpoint and serves
-    it: the saved model's validation NDCG@10 is the best one logged, not the last."""
+    it: the saved model's validation metric (NDCG@10 on the stored candidates, or on the whole catalog with the
+    history excluded) is the best one logged, not the last."""
     from test_distributed_and_resume import tiny_dataset
 
     from modeling_speeder.conversion.datasets import load_canonical
@@ -115,16 +117,18 @@ def test_speeder_is_selected_on_validation(tmp_path):
     tiny_dataset(tmp_path / "data")
     model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
     # A learning rate high enough that validation quality moves around, so best and last differ in most runs.
-    report = train(model, processor, splits, tmp_path / "run", epochs=6, batch_size=4, learning_rate=3e-2, patience=0)
+    report = train(model, processor, splits, tmp_path / "run", epochs=6, batch_size=4, learning_rate=3e-2, patience=0,
+                   selection_metric=metric)
     evaluations = [e for e in report["log_history"] if "eval_ndcg@10" in e]
+    key = f"eval_{metric}"
     # text + id features: the image stage is skipped, so the last stage starts after epoch 1.
     assert len(evaluations) == 5, "one validation pass per epoch of the last MPO stage (epochs 2 to 6)"
     last_stage_start = report["mpo_transitions"][-1][0]
     assert all(e["step"] > last_stage_start for e in evaluations), "only checkpoints that saw every modality compete"
-    best = max(evaluations, key=lambda e: e["eval_ndcg@10"])
-    assert report["best_validation_ndcg@10"] == pytest.approx(best["eval_ndcg@10"])
+    best = max(evaluations, key=lambda e: e[key])  # the first of equals, as the Trainer keeps it
+    assert report["selection_metric"] == metric and report["best_validation_metric"] == pytest.approx(best[key])
     assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
-    assert report["validation"]["ndcg@10"] == pytest.approx(best["eval_ndcg@10"], abs=1e-5)
+    assert report["validation"][metric] == pytest.approx(best[key], abs=1e-5)
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["test"]["by_target_popularity"] and saved["test"]["by_history_length"]
     splits, *_ = load_canonical(tmp_path / "data")
