@@ -147,22 +147,23 @@ def dense_training_rows(splits, max_history: int, stride: int | None = None):
     return Dataset.from_dict(rows)
 
 
-def mpo_stages_in_steps(stages: list[dict], stage_steps: int, modality_dropout: dict | None = None) -> list[dict]:
+def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dropout: dict | None = None) -> list[dict]:
     """MPO stages for a run measured in epochs: every stage but the last lasts `stage_steps`; the last one runs until
-    training stops (early stopping), so a ramp there spans its share of the whole epoch budget (with the default 30
-    epochs, the `id` modality reaches about 70% of the training examples by the usual selected epoch).
+    training stops (early stopping), so a ramp there spans its share of the whole epoch budget (with a 30-epoch
+    budget, the `id` modality reaches about 70% of the training examples by the usual selected epoch).
     modality_dropout ({modality: p}): instead, every ramp lasts its share of `stage_steps`, and in the last stage
     each named modality is then left out of a share p of the training examples (inference uses every modality).
+    stage_steps None (a fixed `max_steps` budget): the stages keep their shares of it; only the dropout is added.
 
     The default keeps the long ramp because it measured best: it works as modality dropout on the SASRec `id`
     features, which the model otherwise leans on too hard (they were fitted to the same training targets). On
     Scientific validation NDCG@10: long ramp 0.6045, short ramp with no dropout 0.5838, `id` dropout 0.3 / 0.5 / 0.7
-    0.5951 / 0.6005 / 0.6059 (BENCHMARKS.md, "MPO ramp and modality dropout")."""
+    0.5951 / 0.6005 / 0.6059 (BENCHMARKS.md, "Regularisation, the MPO ramp and the `id` modality")."""
     stages = [dict(stage) for stage in stages]
-    for stage in stages[:-1]:
+    for stage in stages[:-1] if stage_steps is not None else []:
         stage["steps"] = stage_steps
     if modality_dropout is not None:
-        for stage in stages:
+        for stage in stages if stage_steps is not None else []:
             stage["ramp_steps"] = round(stage.get("ramp", 0.0) * stage_steps)
         stages[-1]["dropout"] = dict(modality_dropout)
     return stages
@@ -255,9 +256,9 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         train_sampling_strategy="group_by_length" if dense else "random",
     )
     stages = None
-    if mpo and not fixed_budget:
-        stages = mpo_stages_in_steps(model.config.mpo_stages, max(1, round(mpo_stage_epochs * steps_per_epoch)),
-                                     modality_dropout)
+    if mpo:
+        stage_steps = None if fixed_budget else max(1, round(mpo_stage_epochs * steps_per_epoch))
+        stages = mpo_stages_in_steps(model.config.mpo_stages, stage_steps, modality_dropout)
     mpo_callback = SpeederMPOCallback(stages) if mpo else None
     if mpo:
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint

@@ -75,6 +75,9 @@ def test_mpo_stages_in_epochs_long_ramp_or_modality_dropout():
     dropout._apply(model, 1000, 3000)
     assert model.model.modality_keep_prob.tolist() == pytest.approx([1.0, 1.0, 0.3])
     assert model.model.active_modalities.all()  # inference uses every modality
+    fixed = mpo_stages_in_steps(model.config.mpo_stages, stage_steps=None, modality_dropout={"id": 0.5})
+    assert [s.get("share") for s in fixed] == [s["share"] for s in model.config.mpo_stages]  # a max_steps budget
+    assert "steps" not in fixed[0] and fixed[-1]["dropout"] == {"id": 0.5}
 
 
 def test_mpo_trainable_groups_and_skipped_stage(caplog):
