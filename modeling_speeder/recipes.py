@@ -19,6 +19,7 @@ from .conversion.datasets import (
 )
 from .conversion.features import collaborative_features, encode_texts
 from .evaluation import (
+    NUM_NEGATIVES,
     exclude_history,
     popularity_baseline,
     ranking_metrics,
@@ -296,7 +297,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         model = model.merge_and_unload()
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
-    report = {"head": head, "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
+    report = {"head": head, "catalog_items": model.config.num_items,
+              "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
               "epochs": round(trainer.state.global_step / steps_per_epoch, 2), "training_rows": len(train_rows),
               "best_checkpoint": trainer.state.best_model_checkpoint,
               "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
@@ -379,7 +381,8 @@ def write_report(output: Path, report: dict):
                 values = [metrics.get(key, {}).get(b, {}).get("hr@1", 0.0) for b in buckets]
                 ax.bar([i + (s_index - (len(systems) - 1) / 2) * width for i in range(len(buckets))], values, width=width,
                        label=f"{name} HR@1")
-            ax.axhline(1 / 20, color="black", linestyle=":", linewidth=1, label="chance (1 of 20)")
+            ax.axhline(1 / (1 + NUM_NEGATIVES), color="black", linestyle=":", linewidth=1,
+                       label=f"chance (1 of {1 + NUM_NEGATIVES})")
             ax.set_xticks(list(range(len(buckets))), [f"{k}\n(n={b['users']})" for k, b in buckets.items()])
             ax.set_xlabel(xlabel)
         axes[0].set_ylabel("HR@1, 20 candidates")
@@ -392,15 +395,21 @@ def write_report(output: Path, report: dict):
     if history:
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="training loss")
+        # Chance: uniform scores over the catalog (the dense catalog head) or over the 20 candidates.
+        choices = report.get("catalog_items") if report.get("head") == "catalog-dense" else 1 + NUM_NEGATIVES
+        if choices:
+            ax.axhline(np.log(choices), color="black", linestyle=":", linewidth=1, label=f"chance, ln {choices}")
         for step, stage in report.get("mpo_transitions", []):  # the real transitions, not the next logged step
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
             ax.text(step, ax.get_ylim()[1], f" MPO stage {stage}", va="top", ha="right", rotation=90, fontsize=8)
-        evaluations = [h for h in report.get("log_history", []) if "eval_ndcg@10" in h]
+        metric = report.get("selection_metric", "ndcg@10")  # the curve the checkpoint was selected on
+        name = f"validation {'full-catalog ' if metric.startswith('full_') else ''}{metric.removeprefix('full_').upper()}"
+        evaluations = [h for h in report.get("log_history", []) if f"eval_{metric}" in h]
         if evaluations:
             right = ax.twinx()
-            right.plot([h["step"] for h in evaluations], [h["eval_ndcg@10"] for h in evaluations], color="tab:green",
-                       marker="o", label="validation NDCG@10")
-            right.set_ylabel("validation NDCG@10")
+            right.plot([h["step"] for h in evaluations], [h[f"eval_{metric}"] for h in evaluations], color="tab:green",
+                       marker="o", label=name)
+            right.set_ylabel(name)
             right.legend(loc="upper right", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
