@@ -492,7 +492,7 @@ def build_parser():
     p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3,
                    help="evaluations without validation gain before stopping (0: never)")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
-    p.add_argument("--selection-metric", default="full_ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
+    p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training rows per step")
     p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
@@ -561,7 +561,7 @@ def build_parser():
     p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping ends sooner")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None,
                    help="validation users scored for model selection (default: all; 5,000 on beauty)")
-    p.add_argument("--selection-metric", default="full_ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
+    p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)
