@@ -5,7 +5,8 @@ validation every epoch, best checkpoint, early stopping) on the same SASRec `id`
 
 DATA_DIR: a canonical dataset folder (e.g. `outputs/demo-ml-100k/data`); SASREC_DIR: a saved SASRec
 (`SASRecModel.save_pretrained`, e.g. from `speeder features --collaborative`, which writes DATA_DIR/sasrec). A variant's
-overrides are SpeederConfig fields, plus "backbone": {tiny config fields}, "train": {recipes.train arguments} and
+overrides are SpeederConfig fields, plus "backbone": {tiny config fields}, "train": {recipes.train arguments; a
+"distillation_weight" distils from the same SASRec} and
 "sasrec": false (no `id` modality).
 Prints one RESULT line per variant and writes OUTPUT_DIR/variants.json.
 """
@@ -43,7 +44,8 @@ def main():
                                                              learned_id_dim=64 if use_sasrec else 0,
                                                              max_history=50, **overrides)
         start = time.perf_counter()
-        report = recipes.train(model, processor, splits, output / name, **train_kwargs)
+        # "train": {"distillation_weight": w} distils from the same SASRec (`recipes.train(teacher=...)`)
+        report = recipes.train(model, processor, splits, output / name, teacher=sasrec, **train_kwargs)
         test = report["test"]
         results[name] = {"overrides": overrides, "train": train_kwargs, "seconds": round(time.perf_counter() - start),
                          "epochs": report["epochs"], "best_validation_metric": report["best_validation_metric"],

@@ -202,6 +202,8 @@ class SpeederRecommendationOutput(ModelOutput):
     query_hidden_state: (B, H) hidden state of the query token (input of the catalog head).
     hidden_states: backbone hidden states (embeddings, then each layer), when asked for.
     attentions: backbone attention weights per layer, when asked for (eager attention computes them).
+    dense_catalog_scores: (n_labelled, N) with `dense_catalog_labels`, the catalog scores of the labelled positions in
+        row-major order (under torch.compile every position's, (B * T, N)); a distillation loss reads them.
     """
 
     loss: torch.FloatTensor | None = None
@@ -210,6 +212,7 @@ class SpeederRecommendationOutput(ModelOutput):
     query_hidden_state: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    dense_catalog_scores: torch.FloatTensor | None = None
 
 
 class SpeederModalityExperts(nn.Module):
@@ -898,7 +901,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True, candidate_scoring=candidate_scoring, **kwargs,
         )
-        dense_loss = None
+        dense_loss = dense_scores = None
         if dense_catalog_labels is not None:
             # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
             last = out.last_hidden_state
@@ -943,6 +946,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             query_hidden_state=out.query_hidden_state,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
+            dense_catalog_scores=dense_scores,
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 

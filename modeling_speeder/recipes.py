@@ -172,6 +172,9 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dr
 
 HEADS = ("catalog-dense", "candidate", "dense+candidate")
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
+# The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (BENCHMARKS.md,
+# "Distillation from SASRec"); `train` itself distils only when given a teacher and a weight.
+DISTILLATION_WEIGHT = 1.0
 
 
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
@@ -179,7 +182,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
           packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
           report_splits=("validation", "test"), modality_dropout: dict | None = None,
-          selection_metric: str = "ndcg@10", **training_kwargs):
+          selection_metric: str = "ndcg@10", teacher=None, distillation_weight: float = 0.0,
+          distillation_temperature: float = 1.0, dataset: dict | None = None, **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
     The validation split is scored every epoch (`selection_rows` users, all by default), the best checkpoint on
@@ -199,7 +203,10 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     catalog loss kept on).
     mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
     packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
-    kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves)."""
+    kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves).
+    dataset: a summary of the dataset (`dataset_summary`) recorded in the report, for the model card.
+    teacher: with "catalog-dense" and `distillation_weight` > 0, a `SASRecModel` trained on the training split whose
+    next-item distributions the catalog head is also fitted to (`SpeederTrainer`)."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     output = Path(output)
@@ -213,11 +220,13 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         # on (joint), both stages selected on validation; the model then ranks candidate sets with the candidate head.
         common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
                       selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
-                      warmup_ratio=warmup_ratio, selection_metric=selection_metric, **training_kwargs)
+                      warmup_ratio=warmup_ratio, selection_metric=selection_metric, dataset=dataset,
+                      **training_kwargs)
         # The first stage reports validation only: the test split is read once, after the last stage.
         dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
                              patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",),
-                             modality_dropout=modality_dropout, **common)
+                             modality_dropout=modality_dropout, teacher=teacher, distillation_weight=distillation_weight,
+                             distillation_temperature=distillation_temperature, **common)
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 1.0, 1.0
         report = train(model, processor, splits, output, epochs=candidate_epochs, patience=1, mpo=False, head="candidate",
                        **common)
@@ -228,6 +237,14 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     dense = head == "catalog-dense"
     if packed and not dense:
         raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
+    distill = teacher is not None and distillation_weight > 0
+    if distill and not dense:
+        raise ValueError(f"Distillation needs head='catalog-dense' (dense batches), got head={head!r}")
+    if distill and teacher.config.num_items != model.config.num_items:
+        raise ValueError(f"The teacher was trained on a catalog of {teacher.config.num_items} items, the model has "
+                         f"{model.config.num_items}: train the teacher on this dataset")
+    if distill and teacher.config.max_length < model.config.max_history:
+        raise ValueError(f"The teacher reads {teacher.config.max_length} items but the model {model.config.max_history}")
     if (max_steps is None or max_steps <= 0) and not epochs > 0:
         raise ValueError(f"Give epochs > 0 or max_steps > 0, got epochs={epochs!r}, max_steps={max_steps!r}")
     if dense:
@@ -280,8 +297,10 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
             return {k: v for k, v in metrics.items() if k.startswith("full_") and isinstance(v, float)}
     trainer = SpeederTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
+        teacher=teacher if distill else None, distillation_weight=distillation_weight if distill else 0.0,
+        distillation_temperature=distillation_temperature,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
-                                          dense_labels_per_row=labels_per_row,
+                                          dense_labels_per_row=labels_per_row, distillation=distill,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )
@@ -305,9 +324,12 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
+              "distillation": {"weight": distillation_weight, "temperature": distillation_temperature} if distill else None,
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
               "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}
+    if dataset is not None:
+        report["dataset"] = dataset
     if args.process_index == 0:
         counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
         for split in report_splits:  # the test split is read here, once, after selection
@@ -395,7 +417,9 @@ def write_report(output: Path, report: dict):
     history = [h for h in report.get("log_history", []) if "loss" in h and "step" in h]
     if history:
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="training loss")
+        # With distillation the logged loss is the cross-entropy plus weight x KL (>= 0): chance still bounds the former.
+        loss_label = "training loss" + (" (cross-entropy + distillation KL)" if report.get("distillation") else "")
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label=loss_label)
         # Chance: uniform scores over the catalog (the dense catalog head) or over the 20 candidates.
         choices = report.get("catalog_items") if report.get("head") == "catalog-dense" else 1 + NUM_NEGATIVES
         if choices:

@@ -73,6 +73,17 @@ class SASRecModel(PreTrainedModel):
                 loss = F.cross_entropy(logits, labels[keep], reduction="sum") / loss_normalizer
         return loss, hidden
 
+    @torch.no_grad()
+    def next_item_logits(self, item_rows: torch.LongTensor, positions: torch.BoolTensor) -> torch.Tensor:
+        """(n, N) full-catalog logits of the next item after each marked prefix. item_rows: (B, L) catalog rows,
+        oldest first from position 0, -1 after each sequence's end; positions: (B, L) the prefixes wanted (the
+        logits come in row-major order of them). Speeder's distillation teacher (`SpeederTrainer`)."""
+        if item_rows.shape[1] > self.config.max_length:
+            raise ValueError(f"Sequences of {item_rows.shape[1]} items exceed SASRec's max_length "
+                             f"{self.config.max_length}")
+        _, hidden = self((item_rows + 1).clamp(min=0).to(self.device))
+        return hidden[positions.to(self.device)] @ self.item_embedding.weight[1:].T
+
     def item_embeddings(self) -> torch.Tensor:
         """(N, H) item vectors: Speeder's collaborative (`id`) features."""
         return self.item_embedding.weight[1:].detach()

@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .evaluation import ranking_metrics
@@ -40,14 +41,47 @@ def compute_metrics(eval_pred) -> dict:
 
 
 class SpeederTrainer(Trainer):
-    """`transformers.Trainer` whose evaluations also report `extra_metrics(model)` (a dict; the recipe passes the
-    whole-catalog ranking of the validation users, history excluded). They join the metrics before these are logged
-    and before checkpoint selection (`metric_for_best_model`) and early stopping read them, so a run can be selected
-    on full-catalog NDCG@10, as the SASRec baseline is. `Trainer.predict` is left as it is."""
+    """`transformers.Trainer` with two additions.
 
-    def __init__(self, *args, extra_metrics=None, **kwargs):
+    - Evaluations also report `extra_metrics(model)` (a dict; the recipe passes the whole-catalog ranking of the
+      validation users, history excluded). They join the metrics before these are logged and before checkpoint
+      selection (`metric_for_best_model`) and early stopping read them, so a run can be selected on full-catalog
+      NDCG@10, as the SASRec baseline is. `Trainer.predict` is left as it is.
+    - Distillation: with a `teacher` (a `SASRecModel` trained on the training split) and dense batches from
+      `SpeederDataCollator(distillation=True)`, the loss adds `distillation_weight` x the KL divergence from the
+      teacher's next-item distribution to the catalog head's, at every labelled prefix, at `distillation_temperature`
+      (times its square, as Hinton et al.), normalised as the dense loss is. The teacher's soft targets carry what
+      it learned about every item, not only which one came next.
+    """
+
+    def __init__(self, *args, extra_metrics=None, teacher=None, distillation_weight: float = 0.0,
+                 distillation_temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        if distillation_weight < 0 or not distillation_temperature > 0:
+            raise ValueError(f"distillation_weight must be >= 0 and distillation_temperature > 0, got "
+                             f"{distillation_weight!r} and {distillation_temperature!r}")
         self.extra_metrics = extra_metrics
+        self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
+        self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        item_rows = inputs.pop("distillation_item_rows", None)
+        positions = inputs.pop("distillation_positions", None)
+        if self.teacher is None or not self.distillation_weight or item_rows is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        student = outputs.dense_catalog_scores  # (n, N), or (B * T, N) under torch.compile
+        labels = inputs["dense_catalog_labels"]
+        if student.shape[0] != int(positions.sum()):
+            student = student[labels.flatten() >= 0]
+        t = self.distillation_temperature
+        teacher = self.teacher.next_item_logits(item_rows, positions).to(student.device)
+        divergence = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                              reduction="sum", log_target=True) * t**2
+        normalizer = inputs.get("dense_loss_normalizer")
+        divergence = divergence / (normalizer if normalizer is not None else student.shape[0])
+        loss = loss + self.distillation_weight * divergence
+        return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

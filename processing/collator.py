@@ -28,6 +28,10 @@ class SpeederDataCollator:
     # With dense: the dataset's mean number of labels per row. Batches then carry `dense_loss_normalizer` = rows x this,
     # so every label weighs the same in every batch (length-grouped batches hold very different label counts).
     dense_labels_per_row: float | None = None
+    # With dense: batches also carry `distillation_item_rows` (B, L) each row's (truncated) history as catalog rows,
+    # oldest first, -1 after its end, and `distillation_positions` (B, L) True at the prefixes that have a label, in
+    # the order of the model's `dense_catalog_scores`: the inputs of a sequential teacher (`SpeederTrainer`).
+    distillation: bool = False
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -51,6 +55,19 @@ class SpeederDataCollator:
         self._rng.shuffle(cands)
         return cands
 
+    def _teacher_inputs(self, rows):
+        """The histories as the processor truncates them, and the labelled prefixes: history position j predicts
+        the item after it (the target, after the last one), from `first_labeled` on (shifted by the truncation)."""
+        max_history = self.processor.max_history
+        histories = [[self.processor.item_index(i) for i in r["history"]][-max_history:] for r in rows]
+        item_rows = torch.full((len(rows), max(map(len, histories))), -1, dtype=torch.long)
+        positions = torch.zeros(item_rows.shape, dtype=torch.bool)
+        for b, (r, hist) in enumerate(zip(rows, histories)):
+            item_rows[b, : len(hist)] = torch.tensor(hist)
+            first = max(0, r.get("first_labeled", 0) - (len(r["history"]) - len(hist)))
+            positions[b, first : len(hist)] = True
+        return {"distillation_item_rows": item_rows, "distillation_positions": positions}
+
     def __call__(self, rows):
         stored = [len(r.get("candidates") or []) > 0 for r in rows]
         if any(stored) and not all(stored):
@@ -64,6 +81,8 @@ class SpeederDataCollator:
                                    packed=self.packed, dense_labels_from=first)
             if self.dense_labels_per_row is not None:
                 batch["dense_loss_normalizer"] = torch.tensor(len(rows) * self.dense_labels_per_row)
+            if self.distillation:
+                batch.update(self._teacher_inputs(rows))
         else:
             candidates = [self._draw_candidates(r["history"], r["target"]) for r in rows]
             batch = self.processor(histories=[r["history"] for r in rows], candidates=candidates,

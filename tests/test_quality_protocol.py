@@ -192,3 +192,53 @@ def test_item_residual_embedding_starts_at_zero_and_follows_the_id_modality():
         model.mrc.residual_embedding.weight.fill_(1.0)
     torch.testing.assert_close(model.mrc(rows, text_only)[0], before["text"])
     torch.testing.assert_close(model.mrc(rows, everything)[0], before["all"] + 1.0)
+
+
+def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_path):
+    """The teacher reads the same (truncated) histories as the model and is asked about exactly the prefixes that carry
+    a dense label, in the same order; the loss is the dense loss plus weight x KL(teacher || model) at temperature t
+    (times t squared), normalised like the dense loss."""
+    import torch.nn.functional as F
+    from test_distributed_and_resume import tiny_dataset
+    from transformers import TrainingArguments
+
+    from modeling_speeder.processing.collator import SpeederDataCollator
+    from modeling_speeder.recipes import build_for_dataset
+    from modeling_speeder.sasrec import train_sasrec
+    from modeling_speeder.training import SpeederTrainer
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8,
+                                                 item_dropout=0.0, max_history=4)
+    model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
+    rows = dense_training_rows(splits, max_history=4, stride=2)
+    assert any(r["first_labeled"] > 0 for r in rows.select(range(6))), "overlapping windows: context-only prefixes"
+    index = {item: row for row, item in enumerate(processor.item_ids)}
+    teacher = train_sasrec([[index[i] for i in h] for h in splits["validation"]["history"]], processor.num_items,
+                           epochs=2, hidden_size=16, max_length=4)
+    batch = SpeederDataCollator(processor, dense=True, candidates_in_prompt=False, distillation=True,
+                                dense_labels_per_row=2.5)([rows[i] for i in range(6)])
+    item_rows, positions, labels = batch["distillation_item_rows"], batch["distillation_positions"], batch["dense_catalog_labels"]
+    following = []  # what followed each prefix the teacher is asked about, read from its own inputs
+    for b, row in enumerate(rows.select(range(6))):
+        sequence = item_rows[b][item_rows[b] >= 0].tolist() + [index[row["target"]]]
+        following += [sequence[j + 1] for j in range(len(sequence) - 1) if positions[b, j]]
+    assert following == labels[labels >= 0].tolist(), "the teacher's prefixes are the dense labels' prefixes, in order"
+
+    args = TrainingArguments(str(tmp_path / "t"), report_to=[], use_cpu=True)
+    trainer = SpeederTrainer(model=model, args=args, teacher=teacher, distillation_weight=0.5, distillation_temperature=2.0)
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    plain = {k: v for k, v in batch.items() if not k.startswith("distillation")}
+    out = model(**plain)
+    student = F.log_softmax(out.dense_catalog_scores / 2.0, -1)
+    target = F.log_softmax(teacher.next_item_logits(item_rows, positions) / 2.0, -1)
+    divergence = (target.exp() * (target - student)).sum() * 4.0 / batch["dense_loss_normalizer"]
+    assert divergence > 0 and float(loss) == pytest.approx(float(out.loss + 0.5 * divergence), rel=1e-5)
+    assert float(trainer.compute_loss(model, dict(plain))) == pytest.approx(float(out.loss), rel=1e-6), "no teacher inputs"
+    with pytest.raises(ValueError, match="distillation_weight"):
+        SpeederTrainer(model=model, args=args, teacher=teacher, distillation_weight=-1.0)
+    from modeling_speeder.recipes import train
+
+    with pytest.raises(ValueError, match="catalog-dense"):
+        train(model, processor, splits, tmp_path / "run", head="candidate", teacher=teacher, distillation_weight=1.0)
