@@ -35,6 +35,8 @@ def _feature_dims(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected modality=width pairs such as text=512,image=512, got {part!r}")
         dims[modality.strip()] = int(width)
     return dims
+
+
 def _modality_dropout(text: str) -> dict[str, float]:
     """'id=0.7' -> {'id': 0.7}: the share of training examples that do without each named modality."""
     shares = {}
@@ -52,6 +54,9 @@ def _modality_dropout(text: str) -> dict[str, float]:
 
 
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
+DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
+DISTILLATION_HELP = ("weight of the distillation loss from the SASRec baseline's next-item distributions (KL at every "
+                     "training prefix, beside the dense loss; 0: none)")
 SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 on the stored candidates, "
                   "or on the whole catalog with the history excluded (as SASRec is selected)")
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
@@ -140,7 +145,8 @@ def demo(args):
                                                          sasrec=sasrec_model, seed=args.seed)
     report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
                            eval_rows=args.eval_rows, selection_rows=selection_rows, seed=args.seed,
-                           learning_rate=args.lr, selection_metric=args.selection_metric)
+                           learning_rate=args.lr, selection_metric=args.selection_metric,
+                           teacher=sasrec_model, distillation_weight=args.distillation_weight)
     print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
@@ -273,6 +279,26 @@ def _load_config(args, parser):
     return args
 
 
+def _distillation_teacher(args):
+    """The SASRec to distil from: --teacher, else the one `speeder features --collaborative` saved in <data>/sasrec;
+    None without one (then training goes on without distillation, and says so) or with --distillation-weight 0."""
+    from pathlib import Path
+
+    if not args.distillation_weight or args.head == "candidate":
+        return None
+    path = Path(args.teacher) if args.teacher else Path(args.data) / "sasrec"
+    if not (path / "config.json").is_file():
+        if args.teacher:
+            raise ValueError(f"--teacher {path}: no saved SASRec there (expected config.json and model.safetensors, "
+                             "as `speeder features --collaborative` writes to <data>/sasrec)")
+        print(f"No SASRec in {path} (`speeder features --collaborative` writes it): training without distillation",
+              file=sys.stderr)
+        return None
+    from .sasrec import SASRecModel
+
+    return SASRecModel.from_pretrained(path, use_safetensors=True)
+
+
 def train_command(args):
     """Train a Speeder on a canonical dataset with transformers.Trainer (MPO, optional LoRA), then evaluate."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -306,14 +332,16 @@ def train_command(args):
         )
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
+    teacher = _distillation_teacher(args)
     report = recipes.train(model, processor, splits, Path(args.output), epochs=args.epochs, max_steps=args.steps,
                            batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows,
                            selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed,
-                           modality_dropout=args.modality_dropout, selection_metric=args.selection_metric)
-    report["dataset"] = recipes.dataset_summary(args.data)  # for the model card (`speeder card --report`)
-    recipes.write_report(Path(args.output), report)
+                           modality_dropout=args.modality_dropout, selection_metric=args.selection_metric,
+                           teacher=teacher, distillation_weight=args.distillation_weight if teacher else 0.0,
+                           distillation_temperature=args.distillation_temperature,
+                           dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
               "the metrics below are those of a diverged model. Lower --lr.", file=sys.stderr)
@@ -519,6 +547,10 @@ def build_parser():
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
+    p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
+    p.add_argument("--distillation-temperature", type=POSITIVE_FLOAT, default=1.0, help="softmax temperature of it")
+    p.add_argument("--teacher", default=None,
+                   help="a saved SASRec folder to distil from (default: <data>/sasrec, from `speeder features --collaborative`)")
     p.add_argument("--attn-implementation", default=None,
                    help="backbone attention: eager, sdpa (default), flex_attention, flash_attention_2, a hub kernel")
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only (all)")
@@ -562,6 +594,7 @@ def build_parser():
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None,
                    help="validation users scored for model selection (default: all; 5,000 on beauty)")
     p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
+    p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)

@@ -301,7 +301,7 @@ def test_sequential_recommendation_pipeline(tmp_path):
 
 def test_card_reads_dataset_and_lora_from_the_report(saved):
     """A card rendered from a training report names the dataset and its size (no '?'), and says the backbone trained
-    through LoRA adapters when it did."""
+    through LoRA adapters, and the head was distilled from SASRec, when they were."""
     from modeling_speeder.conversion.hub import render_model_card
 
     path, _ = saved
@@ -312,3 +312,6 @@ def test_card_reads_dataset_and_lora_from_the_report(saved):
     assert "ml-100k: 943 users, 1682 items, 100000 interactions" in text and "?" not in text.split("interactions")[0]
     assert "LoRA adapters, rank 8" in text
     assert "LoRA" not in str(render_model_card(path, "org/x", {**report, "lora_r": 0}))
+    assert "distilled" not in text
+    distilled = str(render_model_card(path, "org/x", {**report, "distillation": {"weight": 1.0, "temperature": 1.0}}))
+    assert "distilled from a SASRec trained on the same training split (KL weight 1.0" in distilled
