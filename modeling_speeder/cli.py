@@ -339,7 +339,7 @@ def train_command(args):
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed,
                            modality_dropout=args.modality_dropout, selection_metric=args.selection_metric,
-                           teacher=teacher, distillation_weight=args.distillation_weight if teacher else 0.0,
+                           teacher=teacher, distillation_weight=args.distillation_weight,
                            distillation_temperature=args.distillation_temperature,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:

@@ -173,7 +173,7 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dr
 HEADS = ("catalog-dense", "candidate", "dense+candidate")
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
 # The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (BENCHMARKS.md,
-# "Distillation from SASRec"); `train` itself distils only when given a teacher and a weight.
+# "Distillation from the SASRec baseline"); `train` itself distils only when given a teacher and a weight.
 DISTILLATION_WEIGHT = 1.0
 
 

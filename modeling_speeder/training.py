@@ -72,7 +72,7 @@ class SpeederTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         student = outputs.dense_catalog_scores  # (n, N), or (B * T, N) under torch.compile
         labels = inputs["dense_catalog_labels"]
-        if student.shape[0] != int(positions.sum()):
+        if student.shape[0] == labels.numel():  # every position scored (compiled): keep the labelled ones, no sync
             student = student[labels.flatten() >= 0]
         t = self.distillation_temperature
         teacher = self.teacher.next_item_logits(item_rows, positions).to(student.device)
