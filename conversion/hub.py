@@ -68,7 +68,9 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     distillation = (report or {}).get("distillation")
     if distillation:
         training_data += (f" The catalog head was also distilled from a SASRec trained on the same training split "
-                          f"(KL weight {distillation['weight']}, temperature {distillation['temperature']}).")
+                          f"(KL weight {distillation['weight']}, temperature {distillation['temperature']}"
+                          + (f", over items with at least {distillation['min_count']} training interactions"
+                             if distillation.get("min_count") else "") + ").")
     backbone = (f"`{base_model}` ({text.get('model_type')})" if base_model else
                 f"a randomly initialised {text.get('model_type')} with hidden size {text.get('hidden_size')} and "
                 f"{text.get('num_hidden_layers')} layers (a small demonstration model, not a pretrained LLM)")

@@ -55,6 +55,9 @@ def _modality_dropout(text: str) -> dict[str, float]:
 
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
 DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
+DISTILLATION_MIN_COUNT = 6  # recipes.DISTILLATION_MIN_COUNT
+DISTILLATION_MIN_COUNT_HELP = ("items with fewer training interactions are left out of the distilled distributions "
+                               "(the teacher knows little of them; 0: every item)")
 DISTILLATION_HELP = ("weight of the distillation loss from the SASRec baseline's next-item distributions (KL at every "
                      "training prefix, beside the dense loss; 0: none)")
 SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 on the stored candidates, "
@@ -146,7 +149,8 @@ def demo(args):
     report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
                            eval_rows=args.eval_rows, selection_rows=selection_rows, seed=args.seed,
                            learning_rate=args.lr, selection_metric=args.selection_metric,
-                           teacher=sasrec_model, distillation_weight=args.distillation_weight)
+                           teacher=sasrec_model, distillation_weight=args.distillation_weight,
+                           distillation_min_count=args.distillation_min_count)
     print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
@@ -341,6 +345,7 @@ def train_command(args):
                            modality_dropout=args.modality_dropout, selection_metric=args.selection_metric,
                            teacher=teacher, distillation_weight=args.distillation_weight,
                            distillation_temperature=args.distillation_temperature,
+                           distillation_min_count=args.distillation_min_count,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
@@ -548,6 +553,8 @@ def build_parser():
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
+    p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
+                   help=DISTILLATION_MIN_COUNT_HELP)
     p.add_argument("--distillation-temperature", type=POSITIVE_FLOAT, default=1.0, help="softmax temperature of it")
     p.add_argument("--teacher", default=None,
                    help="a saved SASRec folder to distil from (default: <data>/sasrec, from `speeder features --collaborative`)")
@@ -595,6 +602,8 @@ def build_parser():
                    help="validation users scored for model selection (default: all; 5,000 on beauty)")
     p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
+    p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
+                   help=DISTILLATION_MIN_COUNT_HELP)
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)

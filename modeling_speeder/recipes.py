@@ -19,6 +19,7 @@ from .conversion.datasets import (
 )
 from .conversion.features import collaborative_features, encode_texts
 from .evaluation import (
+    COLD_ITEM_MAX_COUNT,
     NUM_NEGATIVES,
     exclude_history,
     popularity_baseline,
@@ -175,6 +176,10 @@ SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
 # The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (BENCHMARKS.md,
 # "Distillation from the SASRec baseline"); `train` itself distils only when given a teacher and a weight.
 DISTILLATION_WEIGHT = 1.0
+# ... and the fewest training interactions an item needs to be in the distilled distributions: cold items (at most
+# COLD_ITEM_MAX_COUNT) are left out, the teacher's low probability for them says more about their few interactions
+# than about the user (BENCHMARKS.md, same section: better on both validation metrics, two seeds).
+DISTILLATION_MIN_COUNT = COLD_ITEM_MAX_COUNT + 1
 
 
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
@@ -183,7 +188,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
           packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
           report_splits=("validation", "test"), modality_dropout: dict | None = None,
           selection_metric: str = "ndcg@10", teacher=None, distillation_weight: float = 0.0,
-          distillation_temperature: float = 1.0, dataset: dict | None = None, **training_kwargs):
+          distillation_temperature: float = 1.0, distillation_min_count: int = 0, dataset: dict | None = None,
+          **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
     The validation split is scored every epoch (`selection_rows` users, all by default), the best checkpoint on
@@ -206,7 +212,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves).
     dataset: a summary of the dataset (`dataset_summary`) recorded in the report, for the model card.
     teacher: with "catalog-dense" and `distillation_weight` > 0, a `SASRecModel` trained on the training split whose
-    next-item distributions the catalog head is also fitted to (`SpeederTrainer`)."""
+    next-item distributions the catalog head is also fitted to (`SpeederTrainer`); `distillation_min_count` leaves
+    items with fewer training interactions out of both distributions (0: every item)."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     output = Path(output)
@@ -226,7 +233,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
                              patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",),
                              modality_dropout=modality_dropout, teacher=teacher, distillation_weight=distillation_weight,
-                             distillation_temperature=distillation_temperature, **common)
+                             distillation_temperature=distillation_temperature,
+                             distillation_min_count=distillation_min_count, **common)
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 1.0, 1.0
         report = train(model, processor, splits, output, epochs=candidate_epochs, patience=1, mpo=False, head="candidate",
                        **common)
@@ -245,6 +253,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
                          f"{model.config.num_items}: train the teacher on this dataset")
     if distill and teacher.config.max_length < model.config.max_history:
         raise ValueError(f"The teacher reads {teacher.config.max_length} items but the model {model.config.max_history}")
+    if distillation_min_count < 0:
+        raise ValueError(f"distillation_min_count must be >= 0, got {distillation_min_count!r}")
     if (max_steps is None or max_steps <= 0) and not epochs > 0:
         raise ValueError(f"Give epochs > 0 or max_steps > 0, got epochs={epochs!r}, max_steps={max_steps!r}")
     if dense:
@@ -295,10 +305,12 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         def extra_metrics(trained):  # the whole catalog for the same validation users, history excluded
             metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
             return {k: v for k, v in metrics.items() if k.startswith("full_") and isinstance(v, float)}
+    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+    distillation_items = torch.from_numpy(counts >= distillation_min_count) if distill and distillation_min_count else None
     trainer = SpeederTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
         teacher=teacher if distill else None, distillation_weight=distillation_weight if distill else 0.0,
-        distillation_temperature=distillation_temperature,
+        distillation_temperature=distillation_temperature, distillation_items=distillation_items,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
                                           dense_labels_per_row=labels_per_row, distillation=distill,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
@@ -324,14 +336,14 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
-              "distillation": {"weight": distillation_weight, "temperature": distillation_temperature} if distill else None,
+              "distillation": {"weight": distillation_weight, "temperature": distillation_temperature,
+                               "min_count": distillation_min_count} if distill else None,
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
               "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}
     if dataset is not None:
         report["dataset"] = dataset
     if args.process_index == 0:
-        counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
         for split in report_splits:  # the test split is read here, once, after selection
             report[split] = evaluate_split(model, processor, select(splits[split], eval_rows), counts)
         write_report(output, report)

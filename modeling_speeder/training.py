@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
@@ -51,11 +52,13 @@ class SpeederTrainer(Trainer):
       `SpeederDataCollator(distillation=True)`, the loss adds `distillation_weight` x the KL divergence from the
       teacher's next-item distribution to the catalog head's, at every labelled prefix, at `distillation_temperature`
       (times its square, as Hinton et al.), normalised as the dense loss is. The teacher's soft targets carry what
-      it learned about every item, not only which one came next.
+      it learned about every item, not only which one came next. `distillation_items` ((N,) bool) restricts both
+      distributions to those catalog items (renormalised): the recipe leaves out items the teacher barely saw in
+      training, whose low probability says more about their few interactions than about the user.
     """
 
     def __init__(self, *args, extra_metrics=None, teacher=None, distillation_weight: float = 0.0,
-                 distillation_temperature: float = 1.0, **kwargs):
+                 distillation_temperature: float = 1.0, distillation_items=None, **kwargs):
         super().__init__(*args, **kwargs)
         if distillation_weight < 0 or not distillation_temperature > 0:
             raise ValueError(f"distillation_weight must be >= 0 and distillation_temperature > 0, got "
@@ -63,6 +66,12 @@ class SpeederTrainer(Trainer):
         self.extra_metrics = extra_metrics
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
+        if distillation_items is not None and (distillation_items.dtype != torch.bool or distillation_items.dim() != 1
+                                               or not distillation_items.any()):
+            raise ValueError(f"distillation_items must be a non-empty (N,) bool mask of catalog items, got "
+                             f"{distillation_items.dtype} of shape {tuple(distillation_items.shape)} with "
+                             f"{int(distillation_items.sum())} items")
+        self.distillation_items = distillation_items.to(self.args.device) if distillation_items is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         item_rows = inputs.pop("distillation_item_rows", None)
@@ -76,6 +85,8 @@ class SpeederTrainer(Trainer):
             student = student[labels.flatten() >= 0]
         t = self.distillation_temperature
         teacher = self.teacher.next_item_logits(item_rows, positions).to(student.device)
+        if self.distillation_items is not None:  # both distributions over the distilled items only
+            student, teacher = student[:, self.distillation_items], teacher[:, self.distillation_items]
         divergence = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
                               reduction="sum", log_target=True) * t**2
         normalizer = inputs.get("dense_loss_normalizer")

@@ -278,7 +278,7 @@ def test_cli_help_and_argument_errors_do_not_import_torch():
 
 def test_cli_default_negatives_is_the_protocol_constant():
     """The command line spells the protocol's 19 negatives itself (it parses before torch is imported), and the
-    recipe's selection metrics and distillation weight: keep them equal."""
+    recipe's selection metrics and distillation defaults: keep them equal."""
     from modeling_speeder.cli import build_parser
     from modeling_speeder.evaluation import NUM_NEGATIVES
 
@@ -288,6 +288,7 @@ def test_cli_default_negatives_is_the_protocol_constant():
 
     assert cli.SELECTION_METRICS == recipes.SELECTION_METRICS  # spelled twice for the same reason
     assert cli.DISTILLATION_WEIGHT == recipes.DISTILLATION_WEIGHT
+    assert cli.DISTILLATION_MIN_COUNT == recipes.DISTILLATION_MIN_COUNT
 
 
 def test_concurrent_reader_always_finds_a_complete_checkpoint(tmp_path):

@@ -236,9 +236,22 @@ def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_
     divergence = (target.exp() * (target - student)).sum() * 4.0 / batch["dense_loss_normalizer"]
     assert divergence > 0 and float(loss) == pytest.approx(float(out.loss + 0.5 * divergence), rel=1e-5)
     assert float(trainer.compute_loss(model, dict(plain))) == pytest.approx(float(out.loss), rel=1e-6), "no teacher inputs"
+    # Restricted to some items, both distributions are renormalised over those items only.
+    keep = torch.arange(processor.num_items) % 3 != 0
+    restricted = SpeederTrainer(model=model, args=args, teacher=teacher, distillation_weight=0.5,
+                                distillation_temperature=2.0, distillation_items=keep)
+    student = F.log_softmax(out.dense_catalog_scores[:, keep] / 2.0, -1)
+    target = F.log_softmax(teacher.next_item_logits(item_rows, positions)[:, keep] / 2.0, -1)
+    divergence = (target.exp() * (target - student)).sum() * 4.0 / batch["dense_loss_normalizer"]
+    assert float(restricted.compute_loss(model, dict(batch))) == pytest.approx(float(out.loss + 0.5 * divergence), rel=1e-5)
+    with pytest.raises(ValueError, match="distillation_items"):
+        SpeederTrainer(model=model, args=args, teacher=teacher, distillation_weight=0.5,
+                       distillation_items=torch.zeros(processor.num_items, dtype=torch.bool))
     with pytest.raises(ValueError, match="distillation_weight"):
         SpeederTrainer(model=model, args=args, teacher=teacher, distillation_weight=-1.0)
     from modeling_speeder.recipes import train
 
     with pytest.raises(ValueError, match="catalog-dense"):
         train(model, processor, splits, tmp_path / "run", head="candidate", teacher=teacher, distillation_weight=1.0)
+    with pytest.raises(ValueError, match="distillation_min_count"):
+        train(model, processor, splits, tmp_path / "run", teacher=teacher, distillation_weight=1.0, distillation_min_count=-1)
