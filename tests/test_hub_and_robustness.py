@@ -316,4 +316,5 @@ def test_card_reads_dataset_and_lora_from_the_report(saved):
     distilled = str(render_model_card(path, "org/x", {**report, "distillation": {"weight": 1.0, "temperature": 1.0}}))
     assert "distilled from a SASRec trained on the same training split (KL weight 1.0" in distilled
     warm_only = {"weight": 1.0, "temperature": 1.0, "min_count": 6}
-    assert "over items with at least 6 training interactions)." in str(render_model_card(path, "org/x", {**report, "distillation": warm_only}))
+    warm_card = str(render_model_card(path, "org/x", {**report, "distillation": warm_only}))
+    assert "over items with at least 6 training interactions)." in warm_card
