@@ -66,12 +66,14 @@ class SpeederTrainer(Trainer):
         self.extra_metrics = extra_metrics
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
-        if distillation_items is not None and (distillation_items.dtype != torch.bool or distillation_items.dim() != 1
-                                               or not distillation_items.any()):
-            raise ValueError(f"distillation_items must be a non-empty (N,) bool mask of catalog items, got "
-                             f"{distillation_items.dtype} of shape {tuple(distillation_items.shape)} with "
-                             f"{int(distillation_items.sum())} items")
-        self.distillation_items = distillation_items.to(self.args.device) if distillation_items is not None else None
+        self.distillation_items = None  # (n_kept,) catalog rows, so that each step gathers them without a host sync
+        if distillation_items is not None:
+            num_items = unwrap_speeder(self.model).config.num_items
+            if distillation_items.dtype != torch.bool or distillation_items.shape != (num_items,) or not distillation_items.any():
+                raise ValueError(f"distillation_items must be a non-empty ({num_items},) bool mask of catalog items, got "
+                                 f"{distillation_items.dtype} of shape {tuple(distillation_items.shape)} with "
+                                 f"{int(distillation_items.sum())} items")
+            self.distillation_items = distillation_items.nonzero().squeeze(1).to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         item_rows = inputs.pop("distillation_item_rows", None)
@@ -81,12 +83,14 @@ class SpeederTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         student = outputs.dense_catalog_scores  # (n, N), or (B * T, N) under torch.compile
         labels = inputs["dense_catalog_labels"]
-        if student.shape[0] == labels.numel():  # every position scored (compiled): keep the labelled ones, no sync
+        # Every position scored (compiled layout; told by shape, not by counting positions): keep the labelled ones.
+        # This boolean index syncs once per step, in that layout only.
+        if student.shape[0] == labels.numel():
             student = student[labels.flatten() >= 0]
         t = self.distillation_temperature
         teacher = self.teacher.next_item_logits(item_rows, positions).to(student.device)
         if self.distillation_items is not None:  # both distributions over the distilled items only
-            student, teacher = student[:, self.distillation_items], teacher[:, self.distillation_items]
+            student, teacher = student.index_select(1, self.distillation_items), teacher.index_select(1, self.distillation_items)
         divergence = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
                               reduction="sum", log_target=True) * t**2
         normalizer = inputs.get("dense_loss_normalizer")
