@@ -1,10 +1,12 @@
 """Recipe variants of Speeder on one dataset, each trained by the default recipe (`recipes.train`: dense catalog head,
 validation every epoch, best checkpoint, early stopping) on the same SASRec `id` features, read once on test.
 
-    python bench/recipe_variants.py DATA_DIR SASREC_DIR OUTPUT_DIR '{"name": {config overrides}, ...}'
+    python bench/recipe_variants.py DATA_DIR SASREC_DIR OUTPUT_DIR '{"name": {config overrides}, ...}' [SELECTION_ROWS]
 
 DATA_DIR: a canonical dataset folder (e.g. `outputs/demo-ml-100k/data`); SASREC_DIR: a saved SASRec
-(`SASRecModel.save_pretrained`, e.g. from `speeder features --collaborative`, which writes DATA_DIR/sasrec). A variant's
+(`SASRecModel.save_pretrained`, e.g. from `speeder features --collaborative`, which writes DATA_DIR/sasrec); a folder
+without one gets the SASRec `speeder demo` trains (`recipes.sasrec_baseline`, seed 0, selected on the first
+SELECTION_ROWS validation users, all by default: 5000 reproduces the Beauty demo's), saved there first. A variant's
 overrides are SpeederConfig fields, plus "backbone": {tiny config fields}, "train": {recipes.train arguments; a
 "distillation_weight" distils from the same SASRec} and
 "sasrec": false (no `id` modality).
@@ -28,7 +30,17 @@ def main():
     from modeling_speeder.conversion.build import load_backbone
     from modeling_speeder.sasrec import SASRecModel
 
-    data, sasrec_dir, output, variants = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+    data, sasrec_dir, output, variants = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+    if not (sasrec_dir / "config.json").exists():
+        from modeling_speeder.conversion.datasets import load_canonical
+
+        splits, items, _, _ = load_canonical(data)
+        set_seed(0)  # as `speeder demo` does before training its SASRec
+        report, sasrec = recipes.sasrec_baseline(splits, items["item_id"], seed=0,
+                                                 selection_rows=int(sys.argv[5]) if len(sys.argv) > 5 else None)
+        sasrec.save_pretrained(sasrec_dir)
+        print("SASREC", json.dumps({"best_epoch": report["training"]["best_epoch"], "seconds": report["train_seconds"],
+                                    "test": {k: report["test"][k] for k in ("hr@1", "full_hr@10", "full_ndcg@10")}}))
     sasrec = SASRecModel.from_pretrained(sasrec_dir).eval()
     results = {}
     for name, overrides in variants.items():

@@ -54,14 +54,15 @@ def _modality_dropout(text: str) -> dict[str, float]:
 
 
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
+SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
 DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
 DISTILLATION_MIN_COUNT = 6  # recipes.DISTILLATION_MIN_COUNT
 DISTILLATION_MIN_COUNT_HELP = ("items with fewer training interactions are left out of the distilled distributions "
                                "(the teacher knows little of them; 0: every item)")
 DISTILLATION_HELP = ("weight of the distillation loss from the SASRec baseline's next-item distributions (KL at every "
                      "training prefix, beside the dense loss; 0: none)")
-SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 on the stored candidates, "
-                  "or on the whole catalog with the history excluded (as SASRec is selected)")
+SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 or HR@10 on the whole "
+                  "catalog with the history excluded (as SASRec is selected), or NDCG@10 on the stored candidates")
 POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
 
 
@@ -525,7 +526,7 @@ def build_parser():
     p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3,
                    help="evaluations without validation gain before stopping (0: never)")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
-    p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
+    p.add_argument("--selection-metric", default=SELECTION_METRIC, choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training rows per step")
     p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
@@ -600,7 +601,7 @@ def build_parser():
     p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping ends sooner")
     p.add_argument("--selection-rows", type=POSITIVE_INT, default=None,
                    help="validation users scored for model selection (default: all; 5,000 on beauty)")
-    p.add_argument("--selection-metric", default="ndcg@10", choices=SELECTION_METRICS, help=SELECTION_HELP)
+    p.add_argument("--selection-metric", default=SELECTION_METRIC, choices=SELECTION_METRICS, help=SELECTION_HELP)
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
     p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
                    help=DISTILLATION_MIN_COUNT_HELP)

@@ -2,6 +2,7 @@
 is not a Speeder checkpoint fails before allocating anything, a diverged model never looks perfect, top_k and
 candidate arguments are validated."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -287,6 +288,11 @@ def test_cli_default_negatives_is_the_protocol_constant():
     from modeling_speeder import cli, recipes
 
     assert cli.SELECTION_METRICS == recipes.SELECTION_METRICS  # spelled twice for the same reason
+    assert cli.SELECTION_METRIC == inspect.signature(recipes.train).parameters["selection_metric"].default
+    assert parser.parse_args(["demo"]).selection_metric == cli.SELECTION_METRIC
+    from modeling_speeder.conversion.hub import SELECTION_DESCRIPTIONS
+
+    assert set(SELECTION_DESCRIPTIONS) == set(recipes.SELECTION_METRICS)  # the model card names each one
     assert cli.DISTILLATION_WEIGHT == recipes.DISTILLATION_WEIGHT
     assert cli.DISTILLATION_MIN_COUNT == recipes.DISTILLATION_MIN_COUNT
 

@@ -301,7 +301,8 @@ def test_sequential_recommendation_pipeline(tmp_path):
 
 def test_card_reads_dataset_and_lora_from_the_report(saved):
     """A card rendered from a training report names the dataset and its size (no '?'), and says the backbone trained
-    through LoRA adapters, and the head was distilled from SASRec, when they were."""
+    through LoRA adapters, and the head was distilled from SASRec, when they were, and on what the checkpoint was
+    selected."""
     from modeling_speeder.conversion.hub import render_model_card
 
     path, _ = saved
@@ -318,3 +319,6 @@ def test_card_reads_dataset_and_lora_from_the_report(saved):
     warm_only = {"weight": 1.0, "temperature": 1.0, "min_count": 6}
     warm_card = str(render_model_card(path, "org/x", {**report, "distillation": warm_only}))
     assert "over items with at least 6 training interactions)." in warm_card
+    assert "best validation" not in text
+    selected = str(render_model_card(path, "org/x", {**report, "selection_metric": "full_ndcg@10"}))
+    assert "the best validation NDCG@10 over the whole catalog (history excluded)." in selected
