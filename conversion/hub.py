@@ -32,6 +32,12 @@ def base_model_hub_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+# How the card names each `recipes.train` selection metric.
+SELECTION_DESCRIPTIONS = {"ndcg@10": "NDCG@10 on the 20 stored candidates",
+                          "full_ndcg@10": "NDCG@10 over the whole catalog (history excluded)",
+                          "full_hr@10": "HR@10 over the whole catalog (history excluded)"}
+
+
 def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict | None = None,
                       dataset_name: str | None = None, dataset_stats: dict | None = None,
                       license: str = "apache-2.0") -> ModelCard:
@@ -73,7 +79,7 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
                              if distillation.get("min_count") else "") + ").")
     selection = SELECTION_DESCRIPTIONS.get((report or {}).get("selection_metric"))
     if selection:
-        training_data += f" The checkpoint is the training epoch with the best validation {selection}."
+        training_data += f" The checkpoint kept is the one with the best validation {selection}."
     backbone = (f"`{base_model}` ({text.get('model_type')})" if base_model else
                 f"a randomly initialised {text.get('model_type')} with hidden size {text.get('hidden_size')} and "
                 f"{text.get('num_hidden_layers')} layers (a small demonstration model, not a pretrained LLM)")
@@ -88,12 +94,6 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
         extra_limitations="" if base_model else ("- This checkpoint's backbone is not pretrained: it demonstrates the package, "
                                                  "it is not a production recommender."),
     )
-
-
-# How the card names each `recipes.train` selection metric.
-SELECTION_DESCRIPTIONS = {"ndcg@10": "NDCG@10 on the 20 stored candidates",
-                          "full_ndcg@10": "NDCG@10 over the whole catalog (history excluded)",
-                          "full_hr@10": "HR@10 over the whole catalog (history excluded)"}
 
 
 def _stages_as_trained(stages: list[dict], lora_r: int | None) -> list[dict]:
