@@ -1,6 +1,8 @@
 """Training with `transformers.Trainer`: ranking metrics and MPO (Modality-aware Progressive Optimization)."""
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ def compute_metrics(eval_pred) -> dict:
 
 
 class SpeederTrainer(Trainer):
-    """`transformers.Trainer` with two additions.
+    """`transformers.Trainer` with three additions.
 
     - Evaluations also report `extra_metrics(model)` (a dict; the recipe passes the whole-catalog ranking of the
       validation users, history excluded). They join the metrics before these are logged and before checkpoint
@@ -55,7 +57,12 @@ class SpeederTrainer(Trainer):
       it learned about every item, not only which one came next. `distillation_items` ((N,) bool) restricts both
       distributions to those catalog items (renormalised): the recipe leaves out items the teacher barely saw in
       training, whose low probability says more about their few interactions than about the user.
+    - Exact resumption: each checkpoint also holds the draw stream of a `SpeederDataCollator` (fresh negatives, MPO
+      ramp masks) as it stood before the first batch not yet trained on (`COLLATOR_RNG_FILE`), beside the Trainer's
+      torch RNG states; a resumed run restores it, so it draws, and trains, as the uninterrupted run would have.
     """
+
+    COLLATOR_RNG_FILE = "collator_rng_state.json"
 
     def __init__(self, *args, extra_metrics=None, teacher=None, distillation_weight: float = 0.0,
                  distillation_temperature: float = 1.0, distillation_items=None, **kwargs):
@@ -64,6 +71,7 @@ class SpeederTrainer(Trainer):
             raise ValueError(f"distillation_weight must be >= 0 and distillation_temperature > 0, got "
                              f"{distillation_weight!r} and {distillation_temperature!r}")
         self.extra_metrics = extra_metrics
+        self._training_batches = 0  # micro-batches trained on, in this run and the one it resumes
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
         self.distillation_items = None  # (n_kept,) catalog rows, so that each step gathers them without a host sync
@@ -74,6 +82,38 @@ class SpeederTrainer(Trainer):
                                  f"{distillation_items.dtype} of shape {tuple(distillation_items.shape)} with "
                                  f"{int(distillation_items.sum())} items")
             self.distillation_items = distillation_items.nonzero().squeeze(1).to(self.args.device)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:  # as Trainer reads it: the newest checkpoint in output_dir
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and hasattr(self.data_collator, "restore_rng_state"):
+            path = Path(checkpoint) / self.COLLATOR_RNG_FILE
+            if path.exists():
+                saved = json.loads(path.read_text())
+                self.data_collator.restore_rng_state(saved["state"], saved["training_batches"])
+                self._training_batches = saved["training_batches"]
+            else:
+                logger.warning("%s has no %s: the resumed run draws new negatives and ramp masks, not those the "
+                               "uninterrupted run would have", checkpoint, self.COLLATOR_RNG_FILE)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._training_batches += 1
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        if hasattr(self.data_collator, "rng_state") and self.args.should_save:
+            saved = {"training_batches": self._training_batches,
+                     "state": self.data_collator.rng_state(self._training_batches)}
+            # Written before trainer_state.json, the file that marks a checkpoint complete (last_complete_checkpoint).
+            path = Path(output_dir) / self.COLLATOR_RNG_FILE
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(saved))
+            os.replace(partial, path)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         item_rows = inputs.pop("distillation_item_rows", None)

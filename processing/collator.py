@@ -33,11 +33,31 @@ class SpeederDataCollator:
     # the order of the model's `dense_catalog_scores`: the inputs of a sequential teacher (`SpeederTrainer`).
     distillation: bool = False
     _rng: np.random.Generator = field(init=False, repr=False)
+    _training_batches: int = field(init=False, repr=False, default=0)  # training batches collated so far
+    _states_before: dict = field(init=False, repr=False, default_factory=dict)  # batch number -> stream state then
 
     def __post_init__(self):
         if self.packed and not self.dense:
             raise ValueError("packed=True needs dense=True: packed batches train the catalog head, without candidates")
         self._rng = np.random.default_rng(self.seed)
+
+    def rng_state(self, training_batches: int) -> dict:
+        """The draw stream's state before training batch number `training_batches` (0-based) was collated, so that a
+        resumed run draws what an uninterrupted one would have. The data loader collates a batch or two ahead of the
+        step that consumes it, so the state asked for (that of the first batch not yet trained on) is usually a
+        recorded one, not the current one."""
+        if training_batches == self._training_batches:
+            return self._rng.bit_generator.state
+        if training_batches not in self._states_before:
+            raise ValueError(f"No draw state recorded before training batch {training_batches}: this collator has "
+                             f"collated {self._training_batches} training batches and keeps the last "
+                             f"{len(self._states_before)} states")
+        return self._states_before[training_batches]
+
+    def restore_rng_state(self, state: dict, training_batches: int):
+        """Continue the draw stream from `rng_state(training_batches)` of an earlier run (resume)."""
+        self._rng.bit_generator.state = state
+        self._training_batches, self._states_before = training_batches, {}
 
     def _draw_candidates(self, history, target):
         seen = {str(i) for i in history} | {str(target)}
@@ -75,6 +95,10 @@ class SpeederDataCollator:
         if all(stored):  # evaluation rows: scored on their stored candidates, by the model's ranking head
             return self.processor(histories=[r["history"] for r in rows], candidates=[list(r["candidates"]) for r in rows],
                                   targets=[r["target"] for r in rows], candidates_in_prompt=self.candidates_in_prompt)
+        # A training batch: remember the stream's state before it, for `rng_state` (a few batches are enough).
+        self._states_before[self._training_batches] = self._rng.bit_generator.state
+        self._states_before.pop(self._training_batches - 8, None)
+        self._training_batches += 1
         if self.dense:
             first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
             batch = self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,

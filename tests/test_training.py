@@ -196,6 +196,41 @@ def test_trainer_trains_and_resumes_in_the_right_stage(tmp_path):
     assert transitions[0] == (6, 1) and resumed.state.global_step == 12
 
 
+def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path, caplog):
+    """A run resumed from a checkpoint, mid-epoch or at an epoch boundary, ends with the uninterrupted run's weights:
+    the checkpoint holds the collator's draw stream (fresh negatives every batch, MPO ramp masks) beside the torch
+    RNG states. Without that file the resumed run draws other negatives and ends elsewhere (and says so)."""
+    from transformers import TrainingArguments
+
+    from modeling_speeder.training import SpeederTrainer
+
+    def run(output, resume_from=None):
+        model, processor = make_tiny("llama")
+        model.train()
+        args = TrainingArguments(output_dir=str(output), per_device_train_batch_size=8, max_steps=8, save_steps=2,
+                                 learning_rate=3e-3, logging_steps=1, report_to=[], remove_unused_columns=False,
+                                 label_names=["labels", "catalog_labels"], use_cpu=True, disable_tqdm=True, seed=0)
+        collator = SpeederDataCollator(processor, num_negatives=5, seed=0)
+        trainer = SpeederTrainer(model=model, args=args, train_dataset=toy_rows(), data_collator=collator,
+                                 processing_class=processor, callbacks=[SpeederMPOCallback()])
+        trainer.train(resume_from_checkpoint=resume_from)
+        assert trainer.state.global_step == 8
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    uninterrupted = run(tmp_path / "a")
+    # 24 rows in batches of 8: step 4 is inside the second epoch, step 6 ends the second epoch.
+    for step in (4, 6):
+        checkpoint = tmp_path / "a" / f"checkpoint-{step}"
+        assert json.loads((checkpoint / SpeederTrainer.COLLATOR_RNG_FILE).read_text())["training_batches"] == step
+        resumed = run(tmp_path / f"b{step}", resume_from=str(checkpoint))
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), f"resumed at step {step}"
+    (tmp_path / "a" / "checkpoint-4" / SpeederTrainer.COLLATOR_RNG_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="modeling_speeder.training"):
+        fresh_draws = run(tmp_path / "c", resume_from=str(tmp_path / "a" / "checkpoint-4"))
+    assert "the resumed run draws new negatives" in caplog.text
+    assert not all(torch.equal(fresh_draws[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_peft_lora_save_reload_merge(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
