@@ -107,8 +107,12 @@ class SpeederTrainer(Trainer):
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
         if hasattr(self.data_collator, "rng_state") and self.args.should_save:
-            saved = {"training_batches": self._training_batches,
-                     "state": self.data_collator.rng_state(self._training_batches)}
+            try:
+                state = self.data_collator.rng_state(self._training_batches)
+            except ValueError as error:  # the loader ran further ahead than the collator remembers: resume inexactly
+                logger.warning("%s: %s is not written", error, self.COLLATOR_RNG_FILE)
+                return
+            saved = {"training_batches": self._training_batches, "state": state}
             # Written before trainer_state.json, the file that marks a checkpoint complete (last_complete_checkpoint).
             path = Path(output_dir) / self.COLLATOR_RNG_FILE
             partial = path.with_name(path.name + ".partial")

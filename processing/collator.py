@@ -33,6 +33,7 @@ class SpeederDataCollator:
     # the order of the model's `dense_catalog_scores`: the inputs of a sequential teacher (`SpeederTrainer`).
     distillation: bool = False
     _rng: np.random.Generator = field(init=False, repr=False)
+    RECORDED_STATES = 64  # draw states kept, the last training batches'
     _training_batches: int = field(init=False, repr=False, default=0)  # training batches collated so far
     _states_before: dict = field(init=False, repr=False, default_factory=dict)  # batch number -> stream state then
 
@@ -95,9 +96,10 @@ class SpeederDataCollator:
         if all(stored):  # evaluation rows: scored on their stored candidates, by the model's ranking head
             return self.processor(histories=[r["history"] for r in rows], candidates=[list(r["candidates"]) for r in rows],
                                   targets=[r["target"] for r in rows], candidates_in_prompt=self.candidates_in_prompt)
-        # A training batch: remember the stream's state before it, for `rng_state` (a few batches are enough).
+        # A training batch: remember the stream's state before it, for `rng_state`. The loader runs at most one
+        # optimiser step (gradient_accumulation_steps batches) and one batch ahead of training.
         self._states_before[self._training_batches] = self._rng.bit_generator.state
-        self._states_before.pop(self._training_batches - 8, None)
+        self._states_before.pop(self._training_batches - self.RECORDED_STATES, None)
         self._training_batches += 1
         if self.dense:
             first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
