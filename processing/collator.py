@@ -33,7 +33,7 @@ class SpeederDataCollator:
     # the order of the model's `dense_catalog_scores`: the inputs of a sequential teacher (`SpeederTrainer`).
     distillation: bool = False
     _rng: np.random.Generator = field(init=False, repr=False)
-    RECORDED_STATES = 64  # draw states kept, the last training batches'
+    RECORDED_STATES = 64  # (not a field) draw states kept: those before the last 64 training batches
     _training_batches: int = field(init=False, repr=False, default=0)  # training batches collated so far
     _states_before: dict = field(init=False, repr=False, default_factory=dict)  # batch number -> stream state then
 
