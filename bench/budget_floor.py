@@ -32,12 +32,12 @@ def head_seconds(num_items: int, chunk: int | None) -> float:
     torch.manual_seed(0)
     queries, items = torch.randn(ROWS, HIDDEN), torch.randn(num_items, HIDDEN, requires_grad=True)
     labels = torch.randint(0, num_items, (ROWS,))
-    best = float("inf")
+    step, best = chunk or ROWS, float("inf")
     for _ in range(REPEATS + 1):  # the first call warms up
         start = time.perf_counter()
-        for rows in range(0, ROWS, chunk or ROWS):
-            part = queries[rows : rows + (chunk or ROWS)].requires_grad_()
-            F.cross_entropy(part @ items.T, labels[rows : rows + (chunk or ROWS)], reduction="sum").backward()
+        for rows in range(0, ROWS, step):
+            part = queries[rows : rows + step].requires_grad_()
+            F.cross_entropy(part @ items.T, labels[rows : rows + step], reduction="sum").backward()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -73,6 +73,8 @@ def floor(demo: Path) -> dict:
 
 
 def main():
+    from modeling_speeder.modeling_speeder import write_text_atomically
+
     output, demos = Path(sys.argv[1]), [Path(d) for d in sys.argv[2:]]
     rows = [floor(d) for d in demos]
     print("| demo | targets x items | head GFLOP/s (full / chunked) | SASRec head s/epoch floor (measured) | SASRec "
@@ -84,9 +86,7 @@ def main():
               f"{r['sasrec_head_floor_s_per_epoch']} ({r['sasrec_measured_s_per_epoch']}) | {r['sasrec_epochs']} | "
               f"{r['sasrec_floor_minutes']} | {r['speeder_measured_s_per_epoch']} x {r['speeder_best_epoch']} | "
               f"{r['speeder_floor_minutes']} | {r['floor_minutes']} |")
-    tmp = output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(output)  # atomic
+    write_text_atomically(output, json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -413,6 +413,7 @@ def card_command(args):
     from pathlib import Path
 
     from .conversion.hub import CARD_MARKER
+    from .modeling_speeder import write_text_atomically
 
     output = Path(args.output) if args.output else Path(args.model) / "README.md"
     if output.exists() and CARD_MARKER not in output.read_text(encoding="utf-8", errors="replace") and not args.overwrite:
@@ -420,9 +421,7 @@ def card_command(args):
                          "choose another --output or pass --overwrite")
     card = _card(args)
     text = str(card).rstrip("\n") + "\n\n" + CARD_MARKER + "\n"
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(output)  # atomic: a reader sees the old card or the new one
+    write_text_atomically(output, text)  # a reader sees the old card or the new one
     print(f"model card written to {output}")
 
 

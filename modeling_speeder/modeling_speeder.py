@@ -158,6 +158,18 @@ def replace_directory(new: Path, final: Path):
         shutil.rmtree(previous)
 
 
+
+def write_text_atomically(path: Path, text: str):
+    """Write `text` to `path` through a temporary file beside it and one rename, so a reader (or a resumed run) finds
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # only when the rename did not happen
+
 @contextmanager
 def exclusive_writer(folder: Path):
     """A lock on `.speeder-save.lock` in the folder that holds `folder` (filelock, which huggingface_hub uses for its
@@ -1077,4 +1089,5 @@ __all__ = [
     "SpeederRecommendationOutput",
     "candidate_isolation_mask_function",
     "replace_directory",
+    "write_text_atomically",
 ]

@@ -29,6 +29,7 @@ from .evaluation import (
     training_item_counts,
     training_windows,
 )
+from .modeling_speeder import write_text_atomically
 from .processing.collator import SpeederDataCollator
 from .training import (
     SpeederMPOCallback,
@@ -395,7 +396,7 @@ def evaluate_split(model, processor, data, counts=None, batch_size: int = 64) ->
 def write_report(output: Path, report: dict):
     """report.json plus PNG plots: metrics by history-length bucket, and the training curve with MPO stages."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomically(output / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     try:
         import matplotlib
 

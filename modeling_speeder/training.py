@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .evaluation import ranking_metrics
+from .modeling_speeder import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,7 @@ class SpeederTrainer(Trainer):
                 return
             saved = {"training_batches": self._training_batches, "state": state}
             # Written before trainer_state.json, the file that marks a checkpoint complete (last_complete_checkpoint).
-            path = Path(output_dir) / self.COLLATOR_RNG_FILE
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(saved))
-            os.replace(partial, path)
+            write_text_atomically(Path(output_dir) / self.COLLATOR_RNG_FILE, json.dumps(saved))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         item_rows = inputs.pop("distillation_item_rows", None)

@@ -129,6 +129,19 @@ def test_processor_save_is_atomic(tmp_path, monkeypatch):
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".processor-saving-")], "no temporary left behind"
 
 
+
+def test_text_writes_are_atomic(tmp_path):
+    """report.json, the model card and the collator's draw state go through one writer: a write that fails part-way
+    leaves the previous file whole and no temporary beside it."""
+    from modeling_speeder.modeling_speeder import write_text_atomically
+
+    path = tmp_path / "report.json"
+    write_text_atomically(path, '{"hr@1": 0.5}\n')
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomically(path, '{"hr@1": "\ud800"}')  # a lone surrogate fails mid-write
+    assert path.read_text() == '{"hr@1": 0.5}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"], "no temporary left behind"
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--data", "d", "--steps", "-3"], "--steps: expected a value >= 1, got '-3'"),
     (["train", "--data", "d", "--steps", "0"], "--steps: expected a value >= 1, got '0'"),
