@@ -568,12 +568,15 @@ class SpeederModel(SpeederPreTrainedModel):
             self.clear_item_cache()
         return super().train(mode)
 
-    def item_representations(self) -> torch.Tensor:
-        """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens."""
+    def item_representations(self, item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H) the vector each catalog item is scored with by the catalog head: the mean of its K tokens; for the
+        catalog rows `item_rows` only (any shape, (*shape, H)), so a sampled-softmax step runs the experts on the
+        items it touches, not on the catalog."""
         if not self.training and self.item_cache_is_current():
-            return self._item_repr_cache
-        rows = torch.arange(self.config.num_items, device=self.device)
-        return self.mrc(rows, self.active_modalities)[0].mean(1)
+            return self._item_repr_cache if item_rows is None else self._item_repr_cache[item_rows]
+        rows = torch.arange(self.config.num_items, device=self.device) if item_rows is None else item_rows.flatten()
+        vectors = self.mrc(rows, self.active_modalities)[0].mean(1)  # (rows, H)
+        return vectors if item_rows is None else vectors.view(*item_rows.shape, -1)
 
     # ----- prompt embedding and masks -----
 
@@ -862,18 +865,44 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def item_cache_is_current(self) -> bool:
         return self.model.item_cache_is_current()
 
-    def catalog_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def catalog_logits(self, hidden: torch.Tensor, item_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
         per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
-        tokens cannot)."""
-        scores = self.query_proj(hidden) @ self.catalog_item_vectors().T
-        return scores if self.catalog_item_bias is None else scores + self.catalog_item_bias.weight[:, 0]
+        tokens cannot). With `item_rows`, the scores of those catalog rows only: (U,) shared by every query gives
+        (n, U); (n, C), one set per query (its candidates), gives (n, C)."""
+        query, items = self.query_proj(hidden), self.catalog_item_vectors(item_rows)  # (n, H); (N or U, H) or (n, C, H)
+        scores = query @ items.T if items.dim() == 2 else (items @ query[:, :, None]).squeeze(-1)
+        if self.catalog_item_bias is None:
+            return scores
+        return scores + (self.catalog_item_bias.weight[:, 0] if item_rows is None else self.catalog_item_bias(item_rows)[..., 0])
 
-    def catalog_item_vectors(self) -> torch.Tensor:
-        """(N, H) what the catalog head dots the projected query with: each item's representation, plus its free
-        vector when `config.catalog_item_embedding` is on."""
-        items = self.model.item_representations()
-        return items if self.catalog_item_embedding is None else items + self.catalog_item_embedding.weight
+    def catalog_item_vectors(self, item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H), or (U, H) for `item_rows`: what the catalog head dots the projected query with: each item's
+        representation, plus its free vector when `config.catalog_item_embedding` is on."""
+        items = self.model.item_representations(item_rows)
+        if self.catalog_item_embedding is None:
+            return items
+        return items + (self.catalog_item_embedding.weight if item_rows is None else self.catalog_item_embedding(item_rows))
+
+    def catalog_loss(self, scores, labels, item_rows=None, item_log_q=None, reduction="mean"):
+        """Cross-entropy of the catalog head. scores: (n, N) over the catalog, or (n, U) over the sampled rows
+        `item_rows` (U,), sorted and unique: the step's positives plus drawn negatives (`SpeederDataCollator`);
+        labels: (n,) catalog rows, -100 to ignore.
+
+        Sampled softmax with the logQ correction: each sampled item's logit is lowered by `item_log_q` (U,), the log
+        of its probability of being in the set, which makes the sampled denominator an unbiased (Horvitz-Thompson)
+        estimate of the full one. The positive itself is in the set with probability 1, so its logit is not
+        corrected ("Correcting the LogQ Correction", Khrylchenko et al., RecSys 2025; Yi et al. 2019 correct it too).
+        An item drawn twice, or drawn and also a positive, is one column, so no positive is ever its own negative.
+        When every item is in the set, log q = 0 and this is the full softmax."""
+        if item_rows is None:
+            return F.cross_entropy(scores.float(), labels, ignore_index=-100, reduction=reduction)
+        keep = labels >= 0
+        column = torch.where(keep, torch.searchsorted(item_rows, labels.clamp(min=0)), -100)  # (n,) into item_rows
+        corrected = scores.float() - item_log_q.float()  # (n, U)
+        positive = scores.float().gather(1, column.clamp(min=0)[:, None])  # (n, 1) uncorrected
+        corrected = corrected.scatter(1, column.clamp(min=0)[:, None], positive)
+        return F.cross_entropy(corrected, column, ignore_index=-100, reduction=reduction)
 
     def forward(
         self,
@@ -891,6 +920,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
         catalog_labels: torch.LongTensor | None = None,  # (B,) catalog index of the target
         dense_catalog_labels: torch.LongTensor | None = None,  # (B, T) next item at each history item, -100 elsewhere
+        # Sampled softmax for the catalog losses (None: full softmax over the catalog): (U,) sorted unique catalog rows
+        # the losses are computed over, and (U,) log of each one's probability of being drawn (`catalog_loss`).
+        catalog_item_rows: torch.LongTensor | None = None,
+        catalog_item_log_q: torch.FloatTensor | None = None,
         # () divide the summed dense loss by this instead of the batch's label count (length-grouped batches)
         dense_loss_normalizer: torch.Tensor | None = None,
         return_catalog_scores: bool = False,
@@ -913,31 +946,36 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True, candidate_scoring=candidate_scoring, **kwargs,
         )
+        if (catalog_item_rows is None) != (catalog_item_log_q is None):
+            raise ValueError("catalog_item_rows and catalog_item_log_q come together: pass the collator's whole batch")
+        sampled = dict(item_rows=catalog_item_rows, item_log_q=catalog_item_log_q)
         dense_loss = dense_scores = None
         if dense_catalog_labels is not None:
             # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
             last = out.last_hidden_state
             reduction = "mean" if dense_loss_normalizer is None else "sum"
             if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
-                dense_scores = self.catalog_logits(last.flatten(0, 1))  # (B * T, N)
-                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels.flatten(), reduction=reduction)
+                dense_scores = self.catalog_logits(last.flatten(0, 1), catalog_item_rows)  # (B * T, N or U)
+                dense_loss = self.catalog_loss(dense_scores, dense_catalog_labels.flatten(), **sampled, reduction=reduction)
             else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
                 keep = dense_catalog_labels >= 0
-                dense_scores = self.catalog_logits(last[keep])  # (n_prefixes, N)
-                dense_loss = F.cross_entropy(dense_scores.float(), dense_catalog_labels[keep], reduction=reduction)
+                dense_scores = self.catalog_logits(last[keep], catalog_item_rows)  # (n_prefixes, N or U)
+                dense_loss = self.catalog_loss(dense_scores, dense_catalog_labels[keep], **sampled, reduction=reduction)
             if dense_loss_normalizer is not None:
                 dense_loss = dense_loss / dense_loss_normalizer
 
         catalog_scores = None
         by_catalog_head = candidate_item_index is not None and not in_prompt
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
-        if return_catalog_scores or by_catalog_head or wants_catalog_loss:
+        if return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None):
             catalog_scores = self.catalog_logits(out.query_hidden_state)  # (B, N)
         candidate_scores = None
         if in_prompt:
             candidate_scores = self.candidate_head(out.candidate_hidden_states).squeeze(-1)  # (B, C)
-        elif by_catalog_head:
+        elif by_catalog_head and catalog_scores is not None:
             candidate_scores = catalog_scores.gather(1, candidate_item_index)  # (B, C)
+        elif by_catalog_head:  # only the candidates' items are encoded and scored, not the catalog
+            candidate_scores = self.catalog_logits(out.query_hidden_state, candidate_item_index)  # (B, C)
 
         loss = None
         # The candidate cross-entropy trains whichever head scored the candidates, with that head's weight.
@@ -948,7 +986,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             catalog_loss = self.config.catalog_loss_weight * dense_loss
             loss = catalog_loss if loss is None else loss + catalog_loss
         elif wants_catalog_loss:
-            catalog_loss = self.config.catalog_loss_weight * F.cross_entropy(catalog_scores.float(), catalog_labels)
+            query_scores = catalog_scores if catalog_item_rows is None else self.catalog_logits(out.query_hidden_state,
+                                                                                                catalog_item_rows)
+            catalog_loss = self.config.catalog_loss_weight * self.catalog_loss(query_scores, catalog_labels, **sampled)
             loss = catalog_loss if loss is None else loss + catalog_loss
 
         output = SpeederRecommendationOutput(

@@ -74,15 +74,18 @@ class SASRecModel(PreTrainedModel):
         return loss, hidden
 
     @torch.no_grad()
-    def next_item_logits(self, item_rows: torch.LongTensor, positions: torch.BoolTensor) -> torch.Tensor:
+    def next_item_logits(self, item_rows: torch.LongTensor, positions: torch.BoolTensor,
+                         catalog_rows: torch.LongTensor | None = None) -> torch.Tensor:
         """(n, N) full-catalog logits of the next item after each marked prefix. item_rows: (B, L) catalog rows,
         oldest first from position 0, -1 after each sequence's end; positions: (B, L) the prefixes wanted (the
-        logits come in row-major order of them). Speeder's distillation teacher (`SpeederTrainer`)."""
+        logits come in row-major order of them); catalog_rows: (U,) score those items only, (n, U) (a sampled
+        softmax's set). Speeder's distillation teacher (`SpeederTrainer`)."""
         if item_rows.shape[1] > self.config.max_length:
             raise ValueError(f"Sequences of {item_rows.shape[1]} items exceed SASRec's max_length "
                              f"{self.config.max_length}")
         _, hidden = self((item_rows + 1).clamp(min=0).to(self.device))
-        return hidden[positions.to(self.device)] @ self.item_embedding.weight[1:].T
+        items = self.item_embedding.weight[1:] if catalog_rows is None else self.item_embedding(catalog_rows.to(self.device) + 1)
+        return hidden[positions.to(self.device)] @ items.T
 
     def item_embeddings(self) -> torch.Tensor:
         """(N, H) item vectors: Speeder's collaborative (`id`) features."""

@@ -74,14 +74,14 @@ class SpeederTrainer(Trainer):
         self._training_batches = 0  # micro-batches trained on, in this run and the one it resumes
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
         self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
-        self.distillation_items = None  # (n_kept,) catalog rows, so that each step gathers them without a host sync
+        self.distillation_items = None  # (N,) bool on the device
         if distillation_items is not None:
             num_items = unwrap_speeder(self.model).config.num_items
             if distillation_items.dtype != torch.bool or distillation_items.shape != (num_items,) or not distillation_items.any():
                 raise ValueError(f"distillation_items must be a non-empty ({num_items},) bool mask of catalog items, got "
                                  f"{distillation_items.dtype} of shape {tuple(distillation_items.shape)} with "
                                  f"{int(distillation_items.sum())} items")
-            self.distillation_items = distillation_items.nonzero().squeeze(1).to(self.args.device)
+            self.distillation_items = distillation_items.to(self.args.device)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -128,12 +128,16 @@ class SpeederTrainer(Trainer):
         # This boolean index syncs once per step, in that layout only.
         if student.shape[0] == labels.numel():
             student = student[labels.flatten() >= 0]
+        # Under a sampled softmax both distributions cover the step's sampled set only (`catalog_item_rows`),
+        # renormalised: if the student matched the teacher over the catalog, it matches it over any subset, so the
+        # restricted divergence keeps the full one's minimum, and needs no logQ correction.
+        catalog_rows = inputs.get("catalog_item_rows")
         t = self.distillation_temperature
-        teacher = self.teacher.next_item_logits(item_rows, positions).to(student.device)
-        if self.distillation_items is not None:  # both distributions over the distilled items only
-            student, teacher = student.index_select(1, self.distillation_items), teacher.index_select(1, self.distillation_items)
-        divergence = F.kl_div(F.log_softmax(student.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
-                              reduction="sum", log_target=True) * t**2
+        teacher = self.teacher.next_item_logits(item_rows, positions, catalog_rows).to(student.device)
+        kept = self.distillation_items
+        if kept is not None and catalog_rows is not None:
+            kept = kept[catalog_rows]  # (U,)
+        divergence = restricted_kl_divergence(student.float() / t, teacher.float() / t, kept) * t**2
         normalizer = inputs.get("dense_loss_normalizer")
         divergence = divergence / (normalizer if normalizer is not None else student.shape[0])
         loss = loss + self.distillation_weight * divergence
@@ -145,6 +149,16 @@ class SpeederTrainer(Trainer):
         if self.extra_metrics is not None and description == "Evaluation":
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.extra_metrics(self.model).items()})
         return output
+
+
+def restricted_kl_divergence(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor | None = None):
+    """Summed KL(teacher || student) of row-wise softmax distributions over the columns `kept` ((C,) bool; None: all),
+    renormalised over them. student, teacher: (n, C) logits. Masks instead of indexing, so no host synchronisation."""
+    if kept is not None:
+        student, teacher = student.masked_fill(~kept, float("-inf")), teacher.masked_fill(~kept, float("-inf"))
+    log_teacher, log_student = F.log_softmax(teacher, -1), F.log_softmax(student, -1)
+    difference = log_teacher - log_student  # NaN (-inf minus -inf) at the left-out columns: masked before the product
+    return (log_teacher.exp() * (difference if kept is None else torch.where(kept, difference, 0.0))).sum()
 
 
 def unwrap_speeder(model):
@@ -268,5 +282,6 @@ __all__ = [
     "compute_metrics",
     "last_complete_checkpoint",
     "ranking_metrics",
+    "restricted_kl_divergence",
     "unwrap_speeder",
 ]
