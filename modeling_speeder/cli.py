@@ -56,6 +56,10 @@ def _modality_dropout(text: str) -> dict[str, float]:
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
 SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
 DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
+EARLY_STOPPING_THRESHOLD = 0.0  # recipes.EARLY_STOPPING_THRESHOLD
+CATALOG_NEGATIVES_HELP = ("catalog head: sampled softmax over the batch's positives plus this many drawn items (logQ-"
+                          "corrected); 0: the full softmax; default: by catalog size (recipes.default_catalog_negatives)")
+EARLY_STOPPING_HELP = "the least validation gain that counts as an improvement for early stopping"
 DISTILLATION_MIN_COUNT = 6  # recipes.DISTILLATION_MIN_COUNT
 DISTILLATION_MIN_COUNT_HELP = ("items with fewer training interactions are left out of the distilled distributions "
                                "(the teacher knows little of them; 0: every item)")
@@ -151,7 +155,8 @@ def demo(args):
                            eval_rows=args.eval_rows, selection_rows=selection_rows, seed=args.seed,
                            learning_rate=args.lr, selection_metric=args.selection_metric,
                            teacher=sasrec_model, distillation_weight=args.distillation_weight,
-                           distillation_min_count=args.distillation_min_count)
+                           distillation_min_count=args.distillation_min_count, catalog_negatives=args.catalog_negatives,
+                           early_stopping_threshold=args.early_stopping_threshold)
     print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
@@ -347,6 +352,9 @@ def train_command(args):
                            teacher=teacher, distillation_weight=args.distillation_weight,
                            distillation_temperature=args.distillation_temperature,
                            distillation_min_count=args.distillation_min_count,
+                           catalog_negatives=args.catalog_negatives,
+                           negative_popularity_alpha=args.negative_popularity_alpha,
+                           early_stopping_threshold=args.early_stopping_threshold,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
@@ -552,6 +560,11 @@ def build_parser():
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
+    p.add_argument("--catalog-negatives", type=NON_NEGATIVE_INT, default=None, help=CATALOG_NEGATIVES_HELP)
+    p.add_argument("--negative-popularity-alpha", type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help="sampled negatives drawn by (training count + 1) ** alpha (0: uniformly)")
+    p.add_argument("--early-stopping-threshold", type=NON_NEGATIVE_FLOAT, default=EARLY_STOPPING_THRESHOLD,
+                   help=EARLY_STOPPING_HELP)
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
     p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
                    help=DISTILLATION_MIN_COUNT_HELP)
@@ -604,6 +617,9 @@ def build_parser():
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
     p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
                    help=DISTILLATION_MIN_COUNT_HELP)
+    p.add_argument("--catalog-negatives", type=NON_NEGATIVE_INT, default=None, help=CATALOG_NEGATIVES_HELP)
+    p.add_argument("--early-stopping-threshold", type=NON_NEGATIVE_FLOAT, default=EARLY_STOPPING_THRESHOLD,
+                   help=EARLY_STOPPING_HELP)
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
     p.set_defaults(run=demo)

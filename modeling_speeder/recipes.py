@@ -172,6 +172,17 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dr
     return stages
 
 
+def default_catalog_negatives(num_items: int) -> int:
+    """The catalog head's loss by catalog size: the full softmax (0) while it is cheap and exact, the sampled softmax
+    with SAMPLED_NEGATIVES draws per batch above SAMPLED_SOFTMAX_FROM items (BENCHMARKS.md, "Catalog size")."""
+    return 0 if num_items < SAMPLED_SOFTMAX_FROM else SAMPLED_NEGATIVES
+
+
+# Early stopping counts a validation gain only above this (whole-catalog NDCG@10 moves by about 0.001 an epoch for
+# many epochs after the stored-candidate metrics peaked; BENCHMARKS.md, "Catalog size").
+EARLY_STOPPING_THRESHOLD = 0.0
+SAMPLED_SOFTMAX_FROM = 10_000
+SAMPLED_NEGATIVES = 1024
 HEADS = ("catalog-dense", "candidate", "dense+candidate")
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
 # The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (BENCHMARKS.md,
@@ -190,7 +201,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
           report_splits=("validation", "test"), modality_dropout: dict | None = None,
           selection_metric: str = "full_ndcg@10", teacher=None, distillation_weight: float = 0.0,
           distillation_temperature: float = 1.0, distillation_min_count: int = 0, dataset: dict | None = None,
-          **training_kwargs):
+          catalog_negatives: int | None = None, negative_popularity_alpha: float = 0.0,
+          early_stopping_threshold: float = EARLY_STOPPING_THRESHOLD, **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
     The validation split is scored every epoch (`selection_rows` users, all by default), the best checkpoint on
@@ -216,7 +228,12 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     dataset: a summary of the dataset (`dataset_summary`) recorded in the report, for the model card.
     teacher: with "catalog-dense" and `distillation_weight` > 0, a `SASRecModel` trained on the training split whose
     next-item distributions the catalog head is also fitted to (`SpeederTrainer`); `distillation_min_count` leaves
-    items with fewer training interactions out of both distributions (0: every item)."""
+    items with fewer training interactions out of both distributions (0: every item).
+    catalog_negatives: the catalog head's sampled softmax (`SpeederDataCollator.catalog_negatives`): the step's
+    positives plus this many items drawn per batch (uniformly, or by training popularity ** negative_popularity_alpha),
+    logQ-corrected; 0 is the full softmax; None picks by catalog size (`default_catalog_negatives`).
+    early_stopping_threshold: the least validation gain that resets the patience (transformers'
+    `EarlyStoppingCallback`), so a metric creeping up by noise-sized steps does not keep training going."""
     from transformers import EarlyStoppingCallback, TrainingArguments
 
     output = Path(output)
@@ -231,7 +248,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
                       selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
                       warmup_ratio=warmup_ratio, selection_metric=selection_metric, dataset=dataset,
-                      **training_kwargs)
+                      catalog_negatives=catalog_negatives, negative_popularity_alpha=negative_popularity_alpha,
+                      early_stopping_threshold=early_stopping_threshold, **training_kwargs)
         # The first stage reports validation only: the test split is read once, after the last stage.
         dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
                              patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",),
@@ -265,6 +283,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         model.config.candidate_ranking_head = "catalog"
     else:
         model.config.candidate_ranking_head = "candidate"
+    if catalog_negatives is None:
+        catalog_negatives = default_catalog_negatives(model.config.num_items)
     train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
     # Each dense row labels its history items from `first_labeled` on (the last one at the query token).
     labels_per_row = float(np.mean(np.array(train_rows["length"]) - np.array(train_rows["first_labeled"]))) if dense else None
@@ -302,12 +322,13 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     if args.train_sampling_strategy == "group_by_length":  # the Trainer then groups evaluation batches too: it needs lengths
         selection = selection.add_column("length", [len(h) for h in selection["history"]])
     divergence = StopOnNonFiniteLoss()
-    callbacks = [divergence] + ([mpo_callback] if mpo else []) + ([EarlyStoppingCallback(patience)] if patience else [])
+    callbacks = [divergence] + ([mpo_callback] if mpo else []) + (
+        [EarlyStoppingCallback(patience, early_stopping_threshold)] if patience else [])
     extra_metrics = None
     if selection_metric.startswith("full_"):
-        def extra_metrics(trained):  # the whole catalog for the same validation users, history excluded
+        def extra_metrics(trained):  # candidates and the whole catalog (history excluded), one pass
             metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
-            return {k: v for k, v in metrics.items() if k.startswith("full_") and isinstance(v, float)}
+            return {k: v for k, v in metrics.items() if isinstance(v, float)}
     counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
     distillation_items = torch.from_numpy(counts >= distillation_min_count) if distill and distillation_min_count else None
     trainer = SpeederTrainer(
@@ -316,6 +337,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
         distillation_temperature=distillation_temperature, distillation_items=distillation_items,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
                                           dense_labels_per_row=labels_per_row, distillation=distill,
+                                          catalog_negatives=catalog_negatives if dense else 0, item_counts=counts,
+                                          negative_popularity_alpha=negative_popularity_alpha,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )
@@ -339,6 +362,10 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
+              "catalog_loss": ({"softmax": "sampled", "negatives": catalog_negatives,
+                                "negative_popularity_alpha": negative_popularity_alpha}
+                               if dense and 0 < catalog_negatives < model.config.num_items else {"softmax": "full"}),
+              "early_stopping_threshold": early_stopping_threshold,
               "distillation": {"weight": distillation_weight, "temperature": distillation_temperature,
                                "min_count": distillation_min_count} if distill else None,
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,

@@ -46,10 +46,11 @@ def compute_metrics(eval_pred) -> dict:
 class SpeederTrainer(Trainer):
     """`transformers.Trainer` with three additions.
 
-    - Evaluations also report `extra_metrics(model)` (a dict; the recipe passes the whole-catalog ranking of the
-      validation users, history excluded). They join the metrics before these are logged and before checkpoint
-      selection (`metric_for_best_model`) and early stopping read them, so a run can be selected on full-catalog
-      NDCG@10, as the SASRec baseline is. `Trainer.predict` is left as it is.
+    - With `extra_metrics(model)` (a dict; the recipe passes the validation users' ranking of the stored candidates
+      and of the whole catalog, history excluded, from one pass), evaluations report those metrics instead of running
+      the Trainer's own loop over the same users; they are logged, and read by checkpoint selection
+      (`metric_for_best_model`) and early stopping, so a run can be selected on full-catalog NDCG@10, as the SASRec
+      baseline is. `Trainer.predict` is left as it is.
     - Distillation: with a `teacher` (a `SASRecModel` trained on the training split) and dense batches from
       `SpeederDataCollator(distillation=True)`, the loss adds `distillation_weight` x the KL divergence from the
       teacher's next-item distribution to the catalog head's, at every labelled prefix, at `distillation_temperature`
@@ -145,10 +146,18 @@ class SpeederTrainer(Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self.extra_metrics is not None and description == "Evaluation":
-            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.extra_metrics(self.model).items()})
-        return output
+            # The selection metrics come from one pass over the validation users (candidates and whole catalog
+            # together), not from the Trainer's loop and then a second pass over the same users.
+            from transformers.trainer_utils import EvalLoopOutput
+
+            self.model.eval()
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.extra_metrics(self.model).items()}
+            return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))
+        # Items are encoded once per evaluation (chunked), not once per batch: eval() keeps the cache until training
+        # resumes.
+        unwrap_speeder(self.model).cache_item_tokens()
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
 
 def restricted_kl_divergence(student: torch.Tensor, teacher: torch.Tensor, kept: torch.Tensor | None = None):
