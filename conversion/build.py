@@ -77,6 +77,14 @@ def build_speeder(
     if pretrained:
         weights = backbone.get_input_embeddings().weight.detach()
         config.item_token_rms = float(weights.float().pow(2).mean(-1).sqrt().median())
+    presence = dict(presence or {})
+    if "id" in features:
+        # An item with no other modality present (no text, no image) keeps its `id` row even when SASRec never trained
+        # it (it never occurred in training): scored like that, as SASRec scores it, rather than not at all.
+        n = len(item_ids)
+        others = [torch.as_tensor(presence.get(m, torch.ones(n, dtype=torch.bool))).bool() for m in features if m != "id"]
+        has_other = torch.stack(others).any(0) if others else torch.zeros(n, dtype=torch.bool)
+        presence["id"] = torch.as_tensor(presence.get("id", torch.ones(n, dtype=torch.bool))).bool() | ~has_other
     model = SpeederForSequentialRecommendation(config)
     if pretrained:
         base = backbone.base_model if hasattr(backbone, "base_model") else backbone
@@ -176,7 +184,10 @@ def load_backbone(spec: str, dtype=torch.float32):
             raise FileNotFoundError(f"{path} does not exist")
         kwargs = dict(gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+        # The file, not its folder, names the model (SmolLM2-135M-Instruct.Q4_1.gguf): the model card's base_model.
+        model.config._name_or_path = str(path)
+        return model, tokenizer
     return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
 
 

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from safetensors.torch import load_file, save_file
 
 from ..evaluation import NUM_NEGATIVES
-from ..modeling_speeder import replace_directory
+from ..modeling_speeder import replace_directory, write_text_atomically
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -32,11 +32,34 @@ ROW_FEATURES = Features({"user_id": Value("string"), "history": List(Value("stri
                          "candidates": List(Value("string"))})
 
 
+def filter_step(step: str, sequences: Mapping[str, Sequence], before: Mapping[str, Sequence] | None = None,
+                catalog: int | None = None) -> dict:
+    """One line of a conversion summary: users, items and interactions kept by `step` (and dropped, against
+    `before`); `catalog`: the items the catalog keeps (those only in dropped rows stay as negatives)."""
+    def count(seqs):
+        return {"users": len(seqs), "items": len({i for s in seqs.values() for i in s}),
+                "interactions": sum(len(s) for s in seqs.values())}
+
+    line = {"step": step, "kept": count(sequences)}
+    if before is not None:
+        line["dropped"] = {k: v - line["kept"][k] for k, v in count(before).items()}
+    if catalog is not None:
+        line["catalog_items"] = catalog
+    return line
+
+
 def leave_one_out(
     sequences: Mapping[str, list[str]], item_ids: list[str], num_negatives: int = NUM_NEGATIVES, seed: int = 0,
-    min_length: int = 3,
+    min_length: int = 3, summary: list | None = None,
 ) -> DatasetDict:
-    """Leave-one-out splits with seeded evaluation candidates. `sequences`: user -> items, oldest first."""
+    """Leave-one-out splits with seeded evaluation candidates. `sequences`: user -> items, oldest first.
+    summary: a list the converter's filter steps are recorded in (`filter_step`); this one appends the users it
+    drops for being too short, and `write_canonical` stores the list in stats.json."""
+    if summary is not None:
+        kept = {u: s for u, s in sequences.items() if len(s) >= min_length}
+        summary.append(filter_step(f"users with at least {min_length} interactions (a training row, a validation and a "
+                                   "test target); their items stay in the catalog as negatives", kept, sequences,
+                                   catalog=len(item_ids)))
     known = set(item_ids)
     catalog = np.array(item_ids)
     rng = np.random.default_rng(seed)
@@ -72,7 +95,11 @@ def leave_one_out(
         raise ValueError(
             f"The {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: {len(sequences)} users, "
             f"{kept} with at least {min_length} interactions; a training row needs a user with at least 4 (the last two "
-            "are the validation and test targets). Use a dataset with longer histories, or a looser filter")
+            "are the validation and test targets). Use a dataset with longer histories, or a looser filter (amazon2023: "
+            "a lower --k-core)")
+    for line in summary or []:
+        if any((line.get("dropped") or {}).values()) or "kept in the catalog as negatives only" in line["step"]:
+            logger.warning("conversion: %s: kept %s, dropped %s", line["step"], line.get("kept"), line.get("dropped"))
     return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
 
 
@@ -111,6 +138,7 @@ def write_canonical(
     source: str = "",
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike] = (),
+    summary: list | None = None,
 ) -> dict:
     """Write the canonical folder atomically: a failed run leaves any earlier output intact. An existing `output` is
     replaced only when it is a dataset folder this package wrote (nothing else in it), or with `overwrite`; never when
@@ -137,6 +165,8 @@ def write_canonical(
         "rows": {split: len(splits[split]) for split in SPLITS},
         "features": {m: list(x.shape) for m, x in (features or {}).items()},
     }
+    if summary:
+        stats["filters"] = list(summary)  # what each conversion step kept and dropped
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -405,17 +435,24 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
     first = {}
     for row in sorted(rows, key=lambda r: (r[2], r[3])):
         first.setdefault((row[0], row[1]), row)
-    deduplicated = len(rows) - len(first)
-    users_before, items_before = len({r[0] for r in first.values()}), len({r[1] for r in first.values()})
+
+    def as_sequences(kept_rows):
+        out = {}
+        for user, item, _, _ in sorted(kept_rows, key=lambda r: (r[2], r[3])):
+            out.setdefault(user, []).append(item)
+        return out
+
+    summary = split_kwargs.setdefault("summary", [])
+    read, unique = as_sequences(rows), as_sequences(first.values())
+    summary.append(filter_step(f"reviews read from {reviews.name}", read))
+    summary.append(filter_step("repeated reviews of an item by the same user (the first kept)", unique, read))
     rows = sorted(_k_core(list(first.values()), k_core), key=lambda r: (r[2], r[3]))
-    logger.warning(
-        "%s: %d repeated reviews of the same item by the same user dropped; the %d-core filter kept %d of %d users and "
-        "%d of %d items (%d interactions); items without interactions are not in the catalog",
-        reviews.name, deduplicated, k_core, len({r[0] for r in rows}), users_before, len({r[1] for r in rows}),
-        items_before, len(rows))
-    sequences = {}
-    for user, item, _, _ in rows:
-        sequences.setdefault(user, []).append(item)
+    sequences = as_sequences(rows)
+    summary.append(filter_step(f"{k_core}-core (users and items with at least {k_core} interactions); items without "
+                               "interactions are not in the catalog", sequences, unique))
+    if not rows:
+        raise ValueError(f"{reviews}: the {k_core}-core filter kept no interaction (of {len(first)} from "
+                         f"{len(unique)} users): pass a lower --k-core (k_core=), e.g. --k-core 2")
     ids = sorted({r[1] for r in rows})
     titles = {i: str(metadata[i].get("title") or "") for i in ids}
     texts = {i: " ".join([titles[i], *map(str, metadata[i].get("features") or []),
@@ -431,17 +468,42 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
     return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
 
 
+def _read_sequence_lines(path: Path, delimiter: str) -> list[tuple[float, str, str]]:
+    """A headerless file of one user per line, `user<delimiter>item item item ...` oldest first (items separated by
+    whitespace or the delimiter), as public sequential data sets ship (S3Rec's Beauty.txt, many .tsv exports)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = [field for part in line.strip().split(delimiter) for field in part.split()]
+            if not fields:
+                continue
+            if len(fields) < 2:
+                raise ValueError(f"{path}, line {line_no}: {line.strip()!r} has a user but no item; expected "
+                                 f"'user{delimiter}item item ...'")
+            rows += [(float(position), fields[0], item) for position, item in enumerate(fields[1:])]
+    return rows
+
+
 def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None = None, user_column: str = "user_id",
                 item_column: str = "item_id", time_column: str | None = "timestamp", delimiter: str = ",",
-                **split_kwargs):
+                sequences_per_line: bool = False, interacted_items_only: bool = False, **split_kwargs):
     """Plain CSV (or TSV, any `delimiter`): interactions with user, item and optional time columns (named by the
     arguments; no time column: file order), and an optional items CSV with the item column and any of title, text,
-    image. Errors name the file and line. Returns (splits, items)."""
+    image. `sequences_per_line`: instead a headerless file with one user per line, `user<delimiter>item item ...`,
+    oldest first. The catalog is every item of the items file (items nobody interacted with are negatives only; the
+    summary counts them), or with `interacted_items_only` the items someone interacted with. Errors name the file and
+    line. Returns (splits, items)."""
     import csv
 
     interactions = Path(interactions)
     if not interactions.exists():
         raise FileNotFoundError(f"{interactions} does not exist")
+    split_kwargs.setdefault("summary", [])
+    if sequences_per_line:
+        rows = _read_sequence_lines(interactions, delimiter)
+        if not rows:
+            raise ValueError(f"{interactions} has no line 'user{delimiter}item item ...'")
+        return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
     with open(interactions, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
@@ -465,11 +527,20 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
             rows.append((when, r[user_column], r[item_column]))
     if not rows:
         raise ValueError(f"{interactions} has a header but no interactions")
+    return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
+
+
+def _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, summary, **split_kwargs):
+    """(splits, items) of CSV interactions (time, user, item) and an optional items CSV."""
+    import csv
+
     rows.sort(key=lambda r: r[0])  # stable: equal times (and files without a time column) keep file order
     sequences = {}
     for _, user, item in rows:
         sequences.setdefault(user, []).append(item)
-    titles, texts, images, ids = {}, {}, {}, sorted({item for _, _, item in rows})
+    interacted = {item for _, _, item in rows}
+    titles, texts, images, ids = {}, {}, {}, sorted(interacted)
+    summary.append(filter_step(f"interactions read from {Path(interactions).name}", sequences, catalog=len(ids)))
     if items is not None:
         with open(items, newline="", encoding="utf-8") as f:
             table = list(csv.DictReader(f, delimiter=delimiter))
@@ -483,8 +554,21 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
             titles[r[item_column]], texts[r[item_column]] = r.get("title", ""), r.get("text", "")
             if r.get("image"):
                 images[r[item_column]] = r["image"]
-        ids = sorted(seen | set(ids))
-    return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
+        never = len(seen - interacted)
+        if interacted_items_only:
+            summary.append({"step": f"items of {Path(items).name} nobody interacted with, dropped "
+                                    "(interacted_items_only)", "dropped": {"items": never}, "catalog_items": len(ids)})
+        else:
+            ids = sorted(seen | interacted)
+            summary.append({"step": f"items of {Path(items).name} nobody interacted with, kept in the catalog as "
+                                    "negatives only (--interacted-items-only drops them)", "kept": {"items": never},
+                            "catalog_items": len(ids)})
+            if never > len(interacted):
+                logger.warning("%s: %d of its %d items were never interacted with; the catalog (%d items) is %.1fx the "
+                               "interacted items: pass --interacted-items-only to keep only those", items, never,
+                               len(seen), len(ids), len(ids) / max(1, len(interacted)))
+    return (leave_one_out(sequences, ids, summary=summary, **split_kwargs),
+            _items_table(ids, titles, texts, images))
 
 
 def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tensor], presence: Mapping[str, torch.Tensor]):
@@ -505,6 +589,10 @@ def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tens
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp)
     tmp.replace(path)
+    stats_path = data_dir / "stats.json"  # reports and model cards read the dataset's features from here
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats["features"] = {m: list(x.shape) for m, x in tensors.items() if not m.startswith("presence_")}
+    write_text_atomically(stats_path, json.dumps(stats, indent=2) + "\n")
 
 
 __all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",

@@ -47,6 +47,9 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     processor = json.loads((model_dir / "processor_config.json").read_text())
     text = config.get("text_config", {})
     base_model = base_model_hub_id(text.get("_name_or_path"))
+    # The training report (`speeder demo` / `speeder train` report.json) knows the dataset when it was not given.
+    reported = (report or {}).get("dataset") or {}
+    dataset_name = dataset_name or reported.get("name")
     metrics = {split: report[split] for split in ("validation", "test") if report and split in report}
     eval_results = [
         EvalResult(task_type="sequential-recommendation", dataset_type=dataset_name or "custom",
@@ -65,9 +68,6 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     modalities = [m for m in ("text", "image", "id") if m in dims]
     modalities += ["id (learned table)"] if config.get("learned_id_dim") else []
     items = processor.get("item_ids", [])
-    # The training report (`speeder demo` / `speeder train` report.json) knows the dataset when it was not given.
-    reported = (report or {}).get("dataset") or {}
-    dataset_name = dataset_name or reported.get("name")
     stats = dataset_stats or reported
     training_data = (f"{dataset_name or 'A custom dataset'}: {stats.get('users', '?')} users, {stats.get('items', len(items))} "
                      f"items, {stats.get('interactions', '?')} interactions, leave-one-out splits.")

@@ -179,7 +179,8 @@ def convert(args):
     from .conversion import datasets as ds
 
     start = time.perf_counter()
-    split = dict(num_negatives=args.negatives, seed=args.seed)
+    summary = []  # each filter step's kept and dropped users, items and interactions (stats.json "filters")
+    split = dict(num_negatives=args.negatives, seed=args.seed, summary=summary)
     features = {}
     if args.format in ("movielens-100k", "recbole"):
         directory = ds.movielens_100k_path() if args.format == "movielens-100k" else Path(args.input)
@@ -194,11 +195,20 @@ def convert(args):
         splits, items = ds.convert_amazon2023(args.input, args.meta, k_core=args.k_core, **split)
     else:
         splits, items = ds.convert_csv(args.input, args.items, user_column=args.user_column, item_column=args.item_column,
-                                       time_column=args.time_column, delimiter=args.delimiter.replace("\\t", "\t"), **split)
+                                       time_column=args.time_column, delimiter=args.delimiter.replace("\\t", "\t"),
+                                       sequences_per_line=args.sequences_per_line,
+                                       interacted_items_only=args.interacted_items_only, **split)
     stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}",
-                               overwrite=args.overwrite, inputs=[p for p in (args.input, args.meta, args.items) if p])
+                               overwrite=args.overwrite, inputs=[p for p in (args.input, args.meta, args.items) if p],
+                               summary=summary)
     stats["seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(stats, indent=2))
+    print(json.dumps({k: v for k, v in stats.items() if k != "filters"}, indent=2))
+    print("What each step kept and dropped:")
+    for line in summary:
+        kept, dropped = line.get("kept", {}), line.get("dropped", {})
+        print(f"- {line['step']}: kept {', '.join(f'{v:,} {k}' for k, v in kept.items()) or '-'}"
+              + (f"; dropped {', '.join(f'{v:,} {k}' for k, v in dropped.items())}" if dropped else "")
+              + (f"; catalog {line['catalog_items']:,} items" if "catalog_items" in line else ""))
 
 
 def features(args):
@@ -487,6 +497,10 @@ def build_parser():
     p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
     p.add_argument("--time-column", default="timestamp", help="csv: the time column, if present (else file order)")
     p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
+    p.add_argument("--sequences-per-line", action="store_true",
+                   help="csv: a headerless file of one user per line, 'user<delimiter>item item ...' oldest first")
+    p.add_argument("--interacted-items-only", action="store_true",
+                   help="csv: keep only the items of --items that someone interacted with (default: all, as negatives)")
     p.add_argument("--feature-dims", type=_feature_dims, default=None,
                    help="unisrec: the encoders' widths, e.g. text=512,image=512: checks the feat*CLS files (else inferred)")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,

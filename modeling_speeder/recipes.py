@@ -111,10 +111,8 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     if sasrec is not None:
         index = {item: row for row, item in enumerate(items["item_id"])}
         train_sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]
+        # Items never in training get no `id` row, unless they have nothing else (build_speeder keeps theirs then).
         features["id"], presence["id"], _ = collaborative_features(train_sequences, len(index), model=sasrec)
-        others = [presence.get(m, torch.ones(len(index), dtype=torch.bool)) for m in features if m != "id"]
-        has_other = torch.stack(others).any(0) if others else torch.zeros(len(index), dtype=torch.bool)
-        presence["id"] = presence["id"] | ~has_other  # an item needs one modality: its (untrained) id then
         learned_id_dim = 0
     if backbone is None:
         backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer

