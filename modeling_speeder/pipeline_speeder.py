@@ -32,13 +32,29 @@ class SequentialRecommendationPipeline(Pipeline):
             raise ValueError("The sequential-recommendation pipeline needs the model's SpeederProcessor (processor=...)")
         self.model.check_processor(self.processor)
 
-    def __call__(self, inputs, **kwargs):
+    def __call__(self, inputs, batch_size: int | None = None, **kwargs):
         single = isinstance(inputs, dict) or (isinstance(inputs, Sequence) and len(inputs) and isinstance(inputs[0], str))
-        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and not len(inputs)):
+        if isinstance(inputs, str) or not isinstance(inputs, (Sequence, dict)) or not len(inputs):
             raise ValueError(f"Expected a history (a list of item ids) or a list of histories, got {inputs!r}")
         if not single and kwargs.get("candidates") is not None:
             raise ValueError("candidates= goes with a single history; for several, pass {'history': ..., 'candidates': ...}")
-        results = super().__call__([inputs] if single else list(inputs), **kwargs)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is None:
+            results = super().__call__([inputs] if single else list(inputs), **kwargs)
+        else:  # batched: the histories go to `recommend` together, which batches them (one forward per batch_size)
+            preprocess_params, forward_params, _ = self._sanitize_parameters(**kwargs)
+            rows = [self.preprocess(x, **preprocess_params) for x in ([inputs] if single else list(inputs))]
+            results = [None] * len(rows)
+            for with_candidates in (False, True):
+                group = [i for i, row in enumerate(rows) if (row["candidates"] is not None) == with_candidates]
+                if group:
+                    ranked = self.model.recommend(
+                        [rows[i]["history"] for i in group],
+                        candidates=[rows[i]["candidates"] for i in group] if with_candidates else None,
+                        processor=self.processor, batch_size=batch_size, **forward_params)
+                    for i, result in zip(group, ranked):
+                        results[i] = result
         return results[0] if single else results
 
     def _sanitize_parameters(self, top_k=None, exclude_history=None, candidates=None):
@@ -51,8 +67,13 @@ class SequentialRecommendationPipeline(Pipeline):
             unknown = set(inputs) - {"history", "candidates"}
             if unknown or "history" not in inputs:
                 raise ValueError(f"A dict input needs 'history' (and optionally 'candidates'), got keys {sorted(inputs)}")
-            return {"history": list(inputs["history"]), "candidates": inputs.get("candidates")}
-        return {"history": list(inputs), "candidates": candidates}
+            history, candidates = inputs["history"], inputs.get("candidates")
+        else:
+            history = inputs
+        for name, ids in (("history", history), ("candidates", candidates)):
+            if isinstance(ids, str) or (ids is not None and not isinstance(ids, Sequence)):
+                raise ValueError(f"A {name} is a list of item ids, got {ids!r}")
+        return {"history": list(history), "candidates": None if candidates is None else list(candidates)}
 
     def _forward(self, model_inputs, top_k=10, exclude_history=True):
         candidates = model_inputs["candidates"]

@@ -299,6 +299,32 @@ def test_sequential_recommendation_pipeline(tmp_path):
         recommender(["item0x"])
 
 
+def test_pipeline_batches_lists_and_dicts_and_refuses_a_string_history(tmp_path):
+    """batch_size= ranks a list of histories (and of dicts with candidates, mixed with plain histories) exactly as
+    one at a time; a history or candidate list given as one string is an error, never split into characters."""
+    from transformers import pipeline
+
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    recommender = pipeline("sequential-recommendation", model=str(tmp_path / "ckpt"), device="cpu")
+    inputs = [HISTORIES[0], {"history": HISTORIES[1], "candidates": CANDIDATES[1]}, HISTORIES[2], HISTORIES[0]]
+    one_by_one = [recommender(x, top_k=3) for x in inputs]
+    for batch_size in (1, 2, 3):
+        batched = recommender(inputs, top_k=3, batch_size=batch_size)
+        assert [b["item_ids"] for b in batched] == [o["item_ids"] for o in one_by_one]
+        for b, o in zip(batched, one_by_one):
+            assert b["scores"] == pytest.approx(o["scores"], abs=1e-5)
+    for bad in ({"history": "item1"}, {"history": HISTORIES[0], "candidates": "item2"}):
+        with pytest.raises(ValueError, match="list of item ids"):
+            recommender(bad)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            recommender(HISTORIES, batch_size=bad)
+    with pytest.raises(ValueError, match="a history"):
+        recommender(None)
+
+
 def test_card_reads_dataset_and_lora_from_the_report(saved):
     """A card rendered from a training report names the dataset and its size (no '?'), and says the backbone trained
     through LoRA adapters, and the head was distilled from SASRec, when they were, and on what the checkpoint was
