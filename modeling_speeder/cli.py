@@ -56,7 +56,7 @@ def _modality_dropout(text: str) -> dict[str, float]:
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
 SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
 DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
-EARLY_STOPPING_THRESHOLD = 0.0  # recipes.EARLY_STOPPING_THRESHOLD
+EARLY_STOPPING_THRESHOLD = 0.001  # recipes.EARLY_STOPPING_THRESHOLD
 CATALOG_NEGATIVES_HELP = ("catalog head: sampled softmax over the batch's positives plus this many drawn items (logQ-"
                           "corrected); 0: the full softmax; default: by catalog size (recipes.default_catalog_negatives)")
 EARLY_STOPPING_HELP = "the least validation gain that counts as an improvement for early stopping"
