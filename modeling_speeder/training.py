@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import EvalLoopOutput
 
 from .evaluation import ranking_metrics
 from .modeling_speeder import write_text_atomically
@@ -149,8 +150,6 @@ class SpeederTrainer(Trainer):
         if self.extra_metrics is not None and description == "Evaluation":
             # The selection metrics come from one pass over the validation users (candidates and whole catalog
             # together), not from the Trainer's loop and then a second pass over the same users.
-            from transformers.trainer_utils import EvalLoopOutput
-
             self.model.eval()
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.extra_metrics(self.model).items()}
             return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(dataloader.dataset))

@@ -120,8 +120,12 @@ def test_candidates_ranked_by_the_catalog_head_encode_only_the_candidates():
         model.catalog_item_bias.weight.normal_()
     inputs = processor(histories=HISTORIES, candidates=CANDIDATES, candidates_in_prompt=False)
     full = model(**inputs, return_catalog_scores=True)
+    encoded = []
+    hook = model.mrc.register_forward_hook(lambda module, args, output: encoded.append(args[0].numel()))
     only = model(**inputs)
+    hook.remove()
     assert only.catalog_scores is None
+    assert encoded == [inputs["input_ids"].numel(), inputs["candidate_item_index"].numel()], "prompt, then candidates"
     torch.testing.assert_close(only.candidate_scores, full.catalog_scores.gather(1, inputs["candidate_item_index"]))
 
 
