@@ -73,7 +73,7 @@ def floor(demo: Path) -> dict:
 
 
 def main():
-    from modeling_speeder.modeling_speeder import write_text_atomically
+    from modeling_speeder.atomic_files import write_text_atomically
 
     output, demos = Path(sys.argv[1]), [Path(d) for d in sys.argv[2:]]
     rows = [floor(d) for d in demos]

@@ -149,7 +149,7 @@ def main():
     if args.loss:
         args.items = args.items[0]
         return worker(args)
-    from modeling_speeder.modeling_speeder import write_text_atomically
+    from modeling_speeder.atomic_files import write_text_atomically
 
     results = []
     for items in args.items:

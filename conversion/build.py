@@ -30,7 +30,6 @@ def build_speeder(
     item_ids: Sequence[str],
     features: dict[str, torch.Tensor],
     presence: dict[str, torch.Tensor] | None = None,
-    item_titles: Sequence[str] | None = None,
     learned_id_dim: int = 0,
     processor_kwargs: dict | None = None,
     seed: int = 0,
@@ -50,7 +49,7 @@ def build_speeder(
     for key in ("max_history", "tokens_per_item", "item_level_position_ids"):
         if key in config_kwargs:
             processor_kwargs.setdefault(key, config_kwargs[key])
-    processor = SpeederProcessor(tokenizer, item_ids=item_ids, item_titles=item_titles, **processor_kwargs)
+    processor = SpeederProcessor(tokenizer, item_ids=item_ids, **processor_kwargs)
     pretrained = isinstance(backbone, PreTrainedModel)
     text_config = backbone.config if pretrained else backbone
     # A copy we may resize. A quantization config describes how the source file was stored (GGUF, ...), not these

@@ -13,8 +13,6 @@ negatives. The folder is written to a temporary path and renamed when complete.
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from safetensors.torch import load_file, save_file
 
+from ..atomic_files import folder_written_atomically, write_atomically, write_text_atomically
 from ..evaluation import NUM_NEGATIVES
-from ..modeling_speeder import replace_directory, write_text_atomically
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -167,9 +165,7 @@ def write_canonical(
     }
     if summary:
         stats["filters"] = list(summary)  # what each conversion step kept and dropped
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with folder_written_atomically(output) as tmp:
         for split in SPLITS:
             splits[split].to_parquet(tmp / f"{split}.parquet")
         Dataset.from_dict(dict(items)).to_parquet(tmp / "items.parquet")
@@ -179,10 +175,6 @@ def write_canonical(
                 tensors[f"presence_{m}"] = mask.bool().contiguous()
             save_file(tensors, tmp / "features.safetensors")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        replace_directory(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 
@@ -586,9 +578,7 @@ def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tens
             raise ValueError(f"Feature '{m}' holds NaN or inf in rows {bad[:10].tolist()}")
         tensors[m] = x.float().contiguous()
         tensors[f"presence_{m}"] = mask.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda partial: save_file(tensors, partial))
     stats_path = data_dir / "stats.json"  # reports and model cards read the dataset's features from here
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     stats["features"] = {m: list(x.shape) for m, x in tensors.items() if not m.startswith("presence_")}

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,9 +64,8 @@ def run_in_batches(n: int, batch_size: int, encode: Callable[[int, int], tuple[t
             x, p, *cacheable = encode(start, end)
             x, p = x.float().contiguous(), p.bool().contiguous()
             if path is not None and all(cacheable):
-                tmp = path.with_suffix(".tmp")
-                save_file({"features": x, "presence": p}, tmp)
-                tmp.rename(path)
+                tensors = {"features": x, "presence": p}
+                write_atomically(path, lambda partial, tensors=tensors: save_file(tensors, partial))
         parts.append(x), present.append(p)
     features, presence = torch.cat(parts), torch.cat(present)
     bad = (~torch.isfinite(features).all(-1) & presence).nonzero().flatten()

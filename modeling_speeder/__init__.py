@@ -12,7 +12,7 @@ The `speeder` command is the one exception: it parses its arguments before torch
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "MODALITIES",
     "SequentialRecommendationPipeline",

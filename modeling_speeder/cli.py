@@ -261,7 +261,7 @@ def build(args):
         raise SystemExit(f"{args.data} has no features: run `speeder features` first, or pass --learned-id-dim")
     backbone, tokenizer = load_backbone(args.backbone)
     model, processor = build_speeder(
-        backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"],
+        backbone, tokenizer, items["item_id"], feats, presence,
         learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
         expert_hidden_size=args.expert_hidden_size, seed=args.seed, item_dropout=args.item_dropout,
         catalog_item_bias=not args.no_item_bias,
@@ -344,7 +344,7 @@ def train_command(args):
         learned_id = args.learned_id_dim if (wanted is None or "id" in wanted) and "id" not in feats else 0
         backbone, tokenizer = load_backbone(args.backbone)
         model, processor = build_speeder(
-            backbone, tokenizer, items["item_id"], feats, presence, item_titles=items["title"], learned_id_dim=learned_id,
+            backbone, tokenizer, items["item_id"], feats, presence, learned_id_dim=learned_id,
             tokens_per_item=args.tokens_per_item, max_history=args.max_history, expert_hidden_size=args.expert_hidden_size,
             use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
             catalog_loss_weight=args.catalog_loss_weight, seed=args.seed, item_dropout=args.item_dropout,
@@ -430,8 +430,8 @@ def card_command(args):
     An existing file that `speeder card` did not write is never overwritten unless --overwrite."""
     from pathlib import Path
 
+    from .atomic_files import write_text_atomically
     from .conversion.hub import CARD_MARKER
-    from .modeling_speeder import write_text_atomically
 
     output = Path(args.output) if args.output else Path(args.model) / "README.md"
     if output.exists() and CARD_MARKER not in output.read_text(encoding="utf-8", errors="replace") and not args.overwrite:

@@ -20,6 +20,9 @@ DEFAULT_MPO_STAGES = [
     {"modalities": ["text", "image", "id"], "share": 0.33, "ramp": 0.5, "trainable": _ALL_GROUPS},
 ]
 
+# Options that lost their experiments and were deleted, with the only value a saved config may still hold.
+REMOVED_OPTIONS = {"item_residual_embedding": False, "catalog_item_embedding": False, "feature_normalization": "item"}
+
 
 @strict
 class SpeederConfig(PreTrainedConfig):
@@ -52,12 +55,6 @@ class SpeederConfig(PreTrainedConfig):
     expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
     item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
     item_dropout: float = 0.0  # dropout on the item tokens of the prompt while training (SASRec's embedding dropout)
-    # A free per-item embedding (zero at build) added to an item's tokens wherever its `id` modality is let through:
-    # SASRec's free item table on top of the content tokens, for items with collaborative signal.
-    item_residual_embedding: bool = False
-    # How an expert normalises its input: "item" (LayerNorm per item) or "catalog" (the catalog's mean and scale,
-    # computed when the feature bank is set, so per-item magnitudes survive).
-    feature_normalization: str = "item"
     catalog_fingerprint: str | None = None  # hash of the processor's item ids, to catch a mismatched catalog
     # --- SPAE ---
     max_history: int = 20  # most recent items kept; recency index r = 0 (last) .. max_history - 1
@@ -70,9 +67,6 @@ class SpeederConfig(PreTrainedConfig):
     candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
     catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
     catalog_item_bias: bool = False  # a learned per-item bias on catalog-head scores (popularity prior)
-    # A free per-item vector (zero at build) added to each item's representation in the catalog head only (not to the
-    # prompt's item tokens): SASRec's free output embedding on top of the content vector.
-    catalog_item_embedding: bool = False
     # Which head ranks a candidate set: "candidate" (candidates in the prompt, the linear head on their last states)
     # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
     # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).
@@ -84,6 +78,11 @@ class SpeederConfig(PreTrainedConfig):
     speeder_format_version: int = 1
 
     def __post_init__(self, **kwargs):
+        for name, kept in REMOVED_OPTIONS.items():  # configs saved while these options existed
+            value = kwargs.pop(name, kept)
+            if value != kept:
+                raise ValueError(f"This config sets {name}={value!r}, an option removed after it lost its experiment "
+                                 f"(BENCHMARKS.md); only {name}={kept!r} loads: load this checkpoint with speeder 0.1.0")
         if self.modality_dims is None:
             self.modality_dims = {}
         super().__post_init__(**kwargs)
@@ -94,8 +93,6 @@ class SpeederConfig(PreTrainedConfig):
             raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
         if self.tokens_per_item < 1:
             raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
-        if self.feature_normalization not in ("item", "catalog"):
-            raise ValueError(f"feature_normalization must be 'item' or 'catalog', got {self.feature_normalization!r}")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ValueError(f"item_dropout must be in [0, 1), got {self.item_dropout}")
         if self.max_history < 1:

@@ -2,7 +2,7 @@
 popularity and history-length buckets, and the training windows that cover every training target.
 
 Speeder's evaluation, the SASRec baseline and `recommend()` all exclude history items through one function,
-`exclude_history` (in the model file), so the benchmarks leave out exactly what users are never recommended.
+`recommendation.exclude_history`, so the benchmarks leave out exactly what users are never recommended.
 """
 
 from collections import Counter
@@ -11,8 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-# Lives in the model file, which `recommend()` runs from (also as remote code, without this package).
-from .modeling_speeder import exclude_history
+from .recommendation import exclude_history
 
 NUM_NEGATIVES = 19  # protocol P: the target plus 19 seeded negatives, 20 candidates
 HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, None))
@@ -161,7 +160,6 @@ __all__ = [
     "HISTORY_BUCKETS",
     "NUM_NEGATIVES",
     "bucketed",
-    "exclude_history",
     "full_ranking_metrics",
     "history_bucket_names",
     "popularity_baseline",

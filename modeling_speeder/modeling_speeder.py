@@ -6,12 +6,9 @@ caches and attention kernels come from Transformers. This file is copied next to
 code: it imports only installed libraries and `.configuration_speeder`.
 """
 
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,7 +31,9 @@ from transformers.masking_utils import (
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 
+from .atomic_files import folder_written_atomically
 from .configuration_speeder import SpeederConfig
+from .recommendation import check_processor, recommend
 
 
 def candidate_isolation_mask_function(segment_ids: torch.Tensor):
@@ -71,7 +70,7 @@ def candidate_sliding_window_mask_function(virtual_index: torch.Tensor, sliding_
 
 
 def zero_at_build(table: nn.Embedding) -> nn.Embedding:
-    """Mark a table that must start at zero (an additive correction: a bias, a residual). `_init_weights` zeroes it
+    """Mark a table that must start at zero (an additive correction such as a bias). `_init_weights` zeroes it
     when it visits the table itself: a parent's zeroing would come too late, since transformers initialises each
     parameter once and visits children before their parent."""
     table.zero_at_build = True
@@ -89,99 +88,6 @@ def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor
     empty = (~presence.any(-1)).nonzero().flatten()
     if len(empty):
         raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
-
-
-def exclude_history(scores: torch.Tensor, histories: Sequence[Sequence[int]], keep: torch.Tensor | None = None,
-                    offset: int = 0) -> torch.Tensor:
-    """Set the scores of each user's history items to -inf, in place. scores: (B, W) scores of catalog rows
-    offset .. offset + W - 1 (the whole catalog, or one chunk of it); histories: catalog rows per user; keep: (B,)
-    rows never excluded (the evaluation target, which a user may have seen before), with whole-catalog scores.
-    `recommend()`, Speeder's evaluation and the SASRec baseline all exclude through this function."""
-    if keep is not None and offset:
-        raise ValueError("keep= needs the scores of the whole catalog (offset 0)")
-    width = scores.shape[1]
-    pairs = [(b, i - offset) for b, h in enumerate(histories) for i in h if offset <= i < offset + width]
-    if pairs:
-        rows, cols = zip(*pairs)
-        kept = None if keep is None else scores.gather(1, keep[:, None])
-        scores[list(rows), list(cols)] = float("-inf")
-        if keep is not None:
-            scores.scatter_(1, keep[:, None], kept)
-    return scores
-
-
-def _exchange_paths(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform or
-    file system cannot, so the caller falls back to two renames."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):  # no C library found, or a glibc older than 2.28
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    errno = ctypes.get_errno()
-    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system or kernel cannot exchange
-        return False
-    raise OSError(errno, f"{os.strerror(errno)}: exchanging {a} and {b}")
-
-
-def replace_directory(new: Path, final: Path):
-    """Make the finished folder `new` take the place of `final`. On Linux the two folders are exchanged in one atomic
-    step, so a concurrent reader always finds a complete `final`, old or new; elsewhere the old folder is moved aside
-    first and removed last (a short window, two renames, where `final` is missing). `new` keeps the mode of the
-    folder it replaces (a new one gets the user's umask, as its files do); a folder that is read-only to its owner is
-    refused, not replaced."""
-    umask = os.umask(0)
-    os.umask(umask)
-    if final.exists() and not final.stat().st_mode & 0o200:
-        raise PermissionError(f"{final} is read-only: not replacing it (make it writable to save there)")
-    for path in new.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    new.chmod(final.stat().st_mode & 0o7777 if final.exists() else 0o777 & ~umask)
-    if not final.exists():
-        new.rename(final)
-    elif _exchange_paths(new, final):
-        shutil.rmtree(new)  # now the previous version
-    else:
-        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-        new.rename(final)
-        shutil.rmtree(previous)
-
-
-
-def write_text_atomically(path: Path, text: str):
-    """Write `text` to `path` through a temporary file beside it and one rename, so a reader (or a resumed run) finds
-    the old file or the new one, never half of one."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)  # only when the rename did not happen
-
-@contextmanager
-def exclusive_writer(folder: Path):
-    """A lock on `.speeder-save.lock` in the folder that holds `folder` (filelock, which huggingface_hub uses for its
-    cache), so two processes saving there take turns (one lock file per parent folder: a Trainer's many checkpoints
-    share one); while it is held, temporaries that a killed save left beside `folder` are removed."""
-    from filelock import FileLock
-
-    with FileLock(folder.parent / ".speeder-save.lock"):
-        for pattern in (f".{folder.name}.saving-*", f".{folder.name}.previous-*"):
-            for stale in folder.parent.glob(pattern):  # only a killed save of this folder leaves these
-                shutil.rmtree(stale, ignore_errors=True)
-        yield
 
 
 # The files save_pretrained writes for the weights: a previous save's are not carried over (a user's other files are).
@@ -258,26 +164,8 @@ class SpeederModalityExperts(nn.Module):
             if m == "id" and config.learned_id_dim:
                 continue
             self.register_buffer(f"features_{m}", torch.zeros(config.num_items, dims[m]))
-            if config.feature_normalization == "catalog":  # filled by set_item_features
-                self.register_buffer(f"feature_shift_{m}", torch.zeros(dims[m]))
-                self.register_buffer(f"feature_scale_{m}", torch.ones(1))
         self.id_embedding = nn.Embedding(config.num_items, config.learned_id_dim) if config.learned_id_dim else None
-        self.residual_embedding = (
-            zero_at_build(nn.Embedding(config.num_items, k * hidden_size))
-            if config.item_residual_embedding and "id" in dims
-            else None
-        )
         self.register_buffer("presence", torch.ones(config.num_items, len(self.modalities), dtype=torch.bool))
-
-    def normalize(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-item LayerNorm, or (feature_normalization="catalog") standardisation with the catalog's statistics and
-        the LayerNorm's affine: an item's feature magnitude survives (for SASRec embeddings, how much training the
-        item got, which per-item normalisation turns into amplified noise for rare items)."""
-        norm = self.experts[modality][0]
-        shift = getattr(self, f"feature_shift_{modality}", None)
-        if shift is None:
-            return norm(x)
-        return (x - shift) / getattr(self, f"feature_scale_{modality}") * norm.weight + norm.bias
 
     def features(self, modality: str, rows: torch.Tensor) -> torch.Tensor:
         if modality == "id" and self.id_embedding is not None:
@@ -289,7 +177,7 @@ class SpeederModalityExperts(nn.Module):
         Returns tokens (n, K, H) and gate weights (n, M)."""
         present = self.presence[rows]  # (n, M)
         normed = [
-            self.normalize(m, self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
+            self.experts[m][0](self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
         ]  # M x (n, d_m); absent features are zeroed so they cannot leak through the gate
         allowed = present & active
         # An item with none of the active modalities (say, no text during the text stage) falls back to what it has.
@@ -301,9 +189,6 @@ class SpeederModalityExperts(nn.Module):
         )  # (n, M, K*H)
         tokens = (weights.unsqueeze(-1) * expert_out).sum(1).view(-1, self.tokens_per_item, self.hidden_size)
         tokens = F.rms_norm(tokens, (self.hidden_size,), self.token_gain, eps=1e-6)
-        if self.residual_embedding is not None:  # only where the id modality is let through (MPO, presence)
-            id_allowed = allowed[:, self.modalities.index("id"), None, None]  # (n, 1, 1)
-            tokens = tokens + self.residual_embedding(rows).view_as(tokens) * id_allowed
         return tokens, weights
 
 
@@ -382,18 +267,11 @@ class SpeederPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, *args, **kwargs)
         if final.exists() and not final.is_dir():
             raise FileExistsError(f"{final} exists and is not a folder: cannot save a checkpoint there")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with exclusive_writer(final):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
-            try:
-                super().save_pretrained(tmp, *args, **kwargs)
-                for old_file in final.iterdir() if final.exists() else []:
-                    if not (tmp / old_file.name).exists() and not WEIGHTS_FILE.fullmatch(old_file.name):
-                        (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
-                replace_directory(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        with folder_written_atomically(final) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
+            for old_file in final.iterdir() if final.exists() else []:
+                if not (tmp / old_file.name).exists() and not WEIGHTS_FILE.fullmatch(old_file.name):
+                    (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
 
     def _init_weights(self, module):
         if getattr(module, "zero_at_build", False):
@@ -404,9 +282,9 @@ class SpeederPreTrainedModel(PreTrainedModel):
             rms = self.config.item_token_rms or self.config.text_config.initializer_range
             init.constant_(module.token_gain, rms)
             for name, buffer in module.named_buffers(recurse=False):
-                if name.startswith(("feature_shift_", "features_")):  # the bank is filled by set_item_features
+                if name.startswith("features_"):  # the bank is filled by set_item_features
                     init.zeros_(buffer)
-                elif name.startswith("feature_scale_") or name == "presence":
+                elif name == "presence":
                     init.ones_(buffer)
         elif isinstance(module, SpeederModel):
             # Not saved, so from_pretrained (which builds on the meta device) only gets it from here.
@@ -512,10 +390,6 @@ class SpeederModel(SpeederPreTrainedModel):
         for m, x in features.items():
             mask = new_presence[:, self.mrc.modalities.index(m)]
             getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
-            if hasattr(self.mrc, f"feature_shift_{m}") and mask.any():
-                shift = x[mask].mean(0)
-                getattr(self.mrc, f"feature_shift_{m}").copy_(shift)
-                getattr(self.mrc, f"feature_scale_{m}").fill_(float((x[mask] - shift).pow(2).mean().sqrt().clamp_min(1e-6)))
         self.mrc.presence.copy_(new_presence)
         self.clear_item_cache()
 
@@ -810,10 +684,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     # parameter paths. Owned here, next to the attributes they name, so a rename fails a test instead of silently
     # training nothing (tests/test_training.py checks every path matches and every parameter has a group).
     parameter_groups: ClassVar[dict[str, tuple[str, ...]]] = {
-        "experts": ("model.mrc.experts", "model.mrc.id_embedding", "model.mrc.residual_embedding"),
+        "experts": ("model.mrc.experts", "model.mrc.id_embedding"),
         "gate": ("model.mrc.gate", "model.mrc.token_gain"),
         "spae": ("model.recency_embedding",),
-        "heads": ("candidate_head", "query_proj", "catalog_item_bias", "catalog_item_embedding"),
+        "heads": ("candidate_head", "query_proj", "catalog_item_bias"),
         "backbone": ("model.backbone",),
     }
 
@@ -835,9 +709,6 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.query_proj = nn.Linear(hidden_size, hidden_size)
         # A module (not a bare parameter) so that PEFT's modules_to_save can train it next to LoRA adapters.
         self.catalog_item_bias = zero_at_build(nn.Embedding(config.num_items, 1)) if config.catalog_item_bias else None
-        self.catalog_item_embedding = (
-            zero_at_build(nn.Embedding(config.num_items, hidden_size)) if config.catalog_item_embedding else None
-        )
         self.post_init()
 
     # The headless model's parts and catalog methods, as Llava's ForConditionalGeneration exposes its model's.
@@ -870,19 +741,11 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
         tokens cannot). With `item_rows`, the scores of those catalog rows only: (U,) shared by every query gives
         (n, U); (n, C), one set per query (its candidates), gives (n, C)."""
-        query, items = self.query_proj(hidden), self.catalog_item_vectors(item_rows)  # (n, H); (N or U, H) or (n, C, H)
+        query, items = self.query_proj(hidden), self.model.item_representations(item_rows)  # (n, H); (N or U, H) or (n, C, H)
         scores = query @ items.T if items.dim() == 2 else (items @ query[:, :, None]).squeeze(-1)
         if self.catalog_item_bias is None:
             return scores
         return scores + (self.catalog_item_bias.weight[:, 0] if item_rows is None else self.catalog_item_bias(item_rows)[..., 0])
-
-    def catalog_item_vectors(self, item_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, H), or (U, H) for `item_rows`: what the catalog head dots the projected query with: each item's
-        representation, plus its free vector when `config.catalog_item_embedding` is on."""
-        items = self.model.item_representations(item_rows)
-        if self.catalog_item_embedding is None:
-            return items
-        return items + (self.catalog_item_embedding.weight if item_rows is None else self.catalog_item_embedding(item_rows))
 
     def catalog_loss(self, scores, labels, item_rows=None, item_log_q=None, reduction="mean"):
         """Cross-entropy of the catalog head. scores: (n, N) over the catalog, or (n, U) over the sampled rows
@@ -1002,8 +865,6 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
-    # ----- recommendation API -----
-
     @property
     def ranks_candidates_with_catalog_head(self) -> bool:
         """True when `config.candidate_ranking_head` is "catalog": candidates are ranked by the catalog head's dot
@@ -1011,116 +872,22 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         return self.config.candidate_ranking_head == "catalog"
 
     def check_processor(self, processor):
-        """Raise if the processor does not state the layout this checkpoint was built for: the same catalog, K tokens
-        per item, history length, position mode and placeholder token ids (the config owns them; a processor
-        with another value would embed the wrong items or read the wrong token without any other error)."""
-        if processor.num_items != self.config.num_items:
-            raise ValueError(
-                f"The processor's catalog has {processor.num_items} items but this checkpoint was built for "
-                f"{self.config.num_items}: load the processor saved with this model"
-            )
-        expected = self.config.catalog_fingerprint
-        if expected is not None and processor.catalog_fingerprint != expected:
-            raise ValueError(
-                f"The processor's catalog (fingerprint {processor.catalog_fingerprint}) differs from this checkpoint's "
-                f"({expected}): same size, different item ids or order"
-            )
-        settings = {"tokens_per_item": processor.tokens_per_item, "max_history": processor.max_history,
-                    "item_level_position_ids": processor.item_level_position_ids,
-                    "item_token_id": processor.item_token_id, "query_token_id": processor.query_token_id}
-        for name, value in settings.items():
-            expected = getattr(self.config, name)
-            if expected is not None and value != expected:
-                raise ValueError(
-                    f"The processor has {name}={value!r} but this checkpoint was built with {name}={expected!r}: "
-                    "load the processor saved with this model"
-                )
+        """Raise unless `processor` states this checkpoint's catalog and layout (`recommendation.check_processor`)."""
+        check_processor(self, processor)
 
-    @torch.inference_mode()
-    def recommend(
-        self,
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]] | None = None,
-        top_k: int = 10,
-        processor=None,
-        exclude_history: bool = True,
-        batch_size: int = 32,
-        chunk_size: int = 65536,
-    ) -> list[dict]:
-        """Top-k next items for each history of raw item ids.
-
-        With `candidates`, ranks each user's candidates with the head the model was trained with (the candidate head,
-        or the catalog head for a catalog-only model); otherwise ranks the whole catalog with the catalog head,
-        excluding the history's items when `exclude_history`. Returns one dict per user:
-        {"item_ids": [...], "scores": [...]}, best first.
-        """
-        if processor is None:
-            from transformers import AutoProcessor
-
-            if not self.name_or_path:
-                raise ValueError("recommend() needs a processor: pass processor=..., or load the model from a saved folder")
-            # With this package installed nothing from the checkpoint folder runs. Only a model that was itself loaded
-            # as remote code (the user trusted this checkpoint to get it) loads its processor the same way.
-            loaded_as_remote_code = type(self).__module__.startswith("transformers_modules")
-            processor = AutoProcessor.from_pretrained(self.name_or_path, trust_remote_code=loaded_as_remote_code)
-        self.check_processor(processor)
-        if isinstance(histories, str) or (len(histories) and isinstance(histories[0], str)):
-            raise ValueError("histories must be a list of histories (each a list of item ids)")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if candidates is not None and len(candidates) != len(histories):
-            raise ValueError(f"{len(candidates)} candidate lists for {len(histories)} histories")
-        self.eval()
-        if not self.item_cache_is_current():
-            self.cache_item_tokens()
-        results = []
-        for start in range(0, len(histories), batch_size):
-            hist = histories[start : start + batch_size]
-            cands = None if candidates is None else candidates[start : start + batch_size]
-            in_prompt = not self.ranks_candidates_with_catalog_head
-            inputs = processor(histories=hist, candidates=cands, candidates_in_prompt=in_prompt).to(self.device)
-            out = self(**inputs)
-            if cands is not None:
-                candidate_rows, candidate_scores = inputs["candidate_item_index"], out.candidate_scores
-                scores, order = candidate_scores.topk(min(top_k, candidate_scores.shape[1]), dim=-1)
-                rows = candidate_rows.gather(1, order)
-            else:
-                exclude = None
-                if exclude_history:
-                    exclude = [[processor.item_index(i) for i in h] for h in hist]
-                scores, rows = self._catalog_topk(out.query_hidden_state, top_k, exclude, chunk_size)
-            for r, sc in zip(rows.tolist(), scores.tolist()):
-                # Excluded history items score -inf: when top_k exceeds what is left, fewer items come back.
-                kept = [j for j, value in enumerate(sc) if value != float("-inf")]
-                results.append({"item_ids": processor.item_ids_of([r[j] for j in kept]), "scores": [sc[j] for j in kept]})
-        return results
-
-    def _catalog_topk(self, query_hidden, top_k, exclude, chunk_size):
-        """Top-k over the catalog in chunks, so extra memory stays O(B * chunk_size) whatever the catalog size."""
-        query = self.query_proj(query_hidden)  # (B, H)
-        items = self.catalog_item_vectors()  # (N, H)
-        bias = None if self.catalog_item_bias is None else self.catalog_item_bias.weight[:, 0]
-        top_k = min(top_k, self.config.num_items)
-        best_scores = query.new_full((query.shape[0], 0), float("-inf"))
-        best_rows = torch.zeros(query.shape[0], 0, dtype=torch.long, device=query.device)
-        for start in range(0, items.shape[0], chunk_size):
-            scores = query @ items[start : start + chunk_size].T  # (B, chunk)
-            if bias is not None:
-                scores = scores + bias[start : start + chunk_size]
-            if exclude is not None:
-                exclude_history(scores, exclude, offset=start)
-            # Top-k of the chunk first, then merge k-sized lists: extra memory is one chunk of scores.
-            chunk_scores, chunk_rows = scores.topk(min(top_k, scores.shape[1]), dim=1)
-            merged_scores = torch.cat([best_scores, chunk_scores], 1)
-            merged_rows = torch.cat([best_rows, chunk_rows + start], 1)
-            best_scores, pick = merged_scores.topk(min(top_k, merged_scores.shape[1]), dim=1)
-            best_rows = merged_rows.gather(1, pick)
-        return best_scores, best_rows
+    def recommend(self, histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]] | None = None,
+                  top_k: int = 10, processor=None, exclude_history: bool = True, batch_size: int = 32,
+                  chunk_size: int = 65536) -> list[dict]:
+        """Top-k next items for each history of raw item ids, best first: one {"item_ids": [...], "scores": [...]}
+        per user. With `candidates`, ranks each user's candidates with the head the model was trained with; otherwise
+        the whole catalog with the catalog head, in chunks of `chunk_size` items, without the history's items when
+        `exclude_history`. The processor is loaded from the checkpoint when not given (`recommendation.recommend`)."""
+        return recommend(self, histories, candidates, top_k=top_k, processor=processor,
+                         exclude_history=exclude_history, batch_size=batch_size, chunk_size=chunk_size)
 
 
 __all__ = [
     "check_feature_bank",
-    "exclude_history",
     "SpeederPreTrainedModel",
     "SpeederForSequentialRecommendation",
     "SpeederModalityExperts",
@@ -1128,6 +895,4 @@ __all__ = [
     "SpeederModelOutput",
     "SpeederRecommendationOutput",
     "candidate_isolation_mask_function",
-    "replace_directory",
-    "write_text_atomically",
 ]

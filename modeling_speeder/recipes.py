@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic_files import write_text_atomically
 from .conversion.build import build_speeder, load_backbone
 from .conversion.datasets import (
     convert_recbole,
@@ -21,7 +22,6 @@ from .conversion.features import collaborative_features, encode_texts
 from .evaluation import (
     COLD_ITEM_MAX_COUNT,
     NUM_NEGATIVES,
-    exclude_history,
     popularity_baseline,
     ranking_metrics,
     report_for,
@@ -29,8 +29,8 @@ from .evaluation import (
     training_item_counts,
     training_windows,
 )
-from .modeling_speeder import write_text_atomically
 from .processing.collator import SpeederDataCollator
+from .recommendation import exclude_history
 from .training import (
     SpeederMPOCallback,
     SpeederTrainer,
@@ -117,7 +117,7 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     if backbone is None:
         backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer
     model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
-                                     item_titles=items["title"], learned_id_dim=learned_id_dim, **config_kwargs)
+                                     learned_id_dim=learned_id_dim, **config_kwargs)
     return model, processor, splits
 
 

@@ -14,13 +14,13 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .evaluation import (
-    exclude_history,
     full_ranking_metrics,
     ranking_metrics,
     report_for,
     target_ranks,
     training_windows,
 )
+from .recommendation import exclude_history
 
 
 @strict

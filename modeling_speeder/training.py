@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
+from .atomic_files import write_text_atomically
 from .evaluation import ranking_metrics
-from .modeling_speeder import write_text_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ class SpeederProcessor(ProcessorMixin):
     Args:
         tokenizer: the backbone's tokenizer; the item and query tokens are added to it when missing.
         item_ids: external item ids, in catalog order (row i of the model's feature bank).
-        item_titles: optional titles, same order (used by text baselines and reports).
         max_history: histories are truncated to their most recent `max_history` items.
         tokens_per_item: K soft tokens per item; must match the model.
         item_level_position_ids: SPAE relative positions; False gives plain token positions.
@@ -50,7 +49,6 @@ class SpeederProcessor(ProcessorMixin):
         self,
         tokenizer=None,
         item_ids: Sequence[str] | None = None,
-        item_titles: Sequence[str] | None = None,
         max_history: int = 20,
         tokens_per_item: int = 1,
         item_level_position_ids: bool = True,
@@ -63,9 +61,6 @@ class SpeederProcessor(ProcessorMixin):
     ):
         super().__init__(tokenizer, chat_template=chat_template)
         self.item_ids = [str(i) for i in (item_ids or [])]
-        self.item_titles = list(item_titles) if item_titles is not None else None
-        if self.item_titles is not None and len(self.item_titles) != len(self.item_ids):
-            raise ValueError(f"{len(self.item_titles)} titles for {len(self.item_ids)} item ids")
         self._index = {item: row for row, item in enumerate(self.item_ids)}
         if len(self._index) != len(self.item_ids):
             dupes = [item for item, count in Counter(self.item_ids).items() if count > 1]

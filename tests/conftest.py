@@ -48,7 +48,7 @@ def make_tiny(family="llama", seed=0, attn_implementation="sdpa", backbone_overr
     config_kwargs.setdefault("max_history", 8)
     model, processor = build_speeder(
         BACKBONES[family](**(backbone_overrides or {})), make_word_tokenizer([PROMPT_TEXT]), ITEM_IDS, features, presence,
-        item_titles=[f"title of {i}" for i in ITEM_IDS], **config_kwargs,
+        **config_kwargs,
     )
     model.set_attn_implementation(attn_implementation)
     return model.eval(), processor

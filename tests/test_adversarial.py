@@ -133,7 +133,7 @@ def test_processor_save_is_atomic(tmp_path, monkeypatch):
 def test_text_writes_are_atomic(tmp_path):
     """report.json, the model card and the collator's draw state go through one writer: a write that fails part-way
     leaves the previous file whole and no temporary beside it."""
-    from modeling_speeder.modeling_speeder import write_text_atomically
+    from modeling_speeder.atomic_files import write_text_atomically
 
     path = tmp_path / "report.json"
     write_text_atomically(path, '{"hr@1": 0.5}\n')
@@ -318,7 +318,7 @@ def test_concurrent_reader_always_finds_a_complete_checkpoint(tmp_path):
     import sys
     import threading
 
-    from modeling_speeder.modeling_speeder import _exchange_paths
+    from modeling_speeder.atomic_files import _exchange_paths
 
     probe_a, probe_b = tmp_path / "a", tmp_path / "b"
     probe_a.mkdir(), probe_b.mkdir()

@@ -227,23 +227,20 @@ def test_headless_model_gives_the_states_the_heads_score(family):
     torch.testing.assert_close(out.catalog_scores, model.catalog_logits(states.query_hidden_state))
 
 
-def test_additive_tables_start_at_zero_and_the_catalog_item_embedding_scores_everywhere():
-    """Per-item bias, free catalog vector and token residual start at zero (transformers initialises each parameter
-    once, children first, so a parent's zeroing was silently skipped: they started as N(0, 0.02) noise). The free
-    catalog vector enters every catalog score: the forward's and recommend()'s top-k."""
-    model, processor = make_tiny("llama", catalog_loss_weight=1.0, catalog_item_bias=True, catalog_item_embedding=True,
-                                 item_residual_embedding=True)
-    for table in (model.catalog_item_bias, model.catalog_item_embedding, model.mrc.residual_embedding):
-        assert table is not None and not table.weight.any()
+def test_catalog_item_bias_starts_at_zero_and_scores_everywhere():
+    """The per-item bias starts at zero (transformers initialises each parameter once, children first, so a parent's
+    zeroing was silently skipped: it started as N(0, 0.02) noise), and enters every catalog score: the forward's and
+    recommend()'s top-k."""
+    model, processor = make_tiny("llama", catalog_loss_weight=1.0, catalog_item_bias=True)
+    assert not model.catalog_item_bias.weight.any()
     with torch.no_grad():
-        model.catalog_item_embedding.weight.normal_(0, 1.0)  # large enough to decide the ranking
+        model.catalog_item_bias.weight.normal_(0, 10.0)  # large enough to decide the ranking
     model.eval()
     inputs = processor(histories=HISTORIES[:1])
     with torch.no_grad():
         out = model(**inputs, return_catalog_scores=True)
-    expected = model.query_proj(out.query_hidden_state) @ (
-        model.model.item_representations() + model.catalog_item_embedding.weight).T + model.catalog_item_bias.weight[:, 0]
-    torch.testing.assert_close(out.catalog_scores, expected)
+    expected = model.query_proj(out.query_hidden_state) @ model.model.item_representations().T
+    torch.testing.assert_close(out.catalog_scores, expected + model.catalog_item_bias.weight[:, 0])
     scores = out.catalog_scores[0].clone()
     scores[[processor.item_index(i) for i in HISTORIES[0]]] = float("-inf")
     top = model.recommend(HISTORIES[:1], top_k=3, processor=processor)[0]["item_ids"]

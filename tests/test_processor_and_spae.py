@@ -215,21 +215,14 @@ def test_item_cache_follows_weights_device_and_dtype():
     assert len(ranked) == len(HISTORIES) and all(len(r["item_ids"]) == 5 for r in ranked)
 
 
-def test_catalog_feature_normalization_keeps_item_magnitudes(tmp_path):
-    """Per-item LayerNorm maps x and 2x to the same vector; catalog statistics keep the difference (for SASRec
-    embeddings the magnitude says how much an item was trained), and they travel with the checkpoint."""
-    from transformers import AutoModel
+def test_configs_of_removed_options_load_only_with_the_value_that_was_kept():
+    """Options that lost their experiments were deleted; a config saved while they existed loads when it holds their
+    off value (dropped, not saved again), and is refused, naming the option, when it turned one on."""
+    from modeling_speeder import SpeederConfig
 
-    model, _ = make_tiny("llama", feature_normalization="catalog")
-    text = model.mrc.features_text
-    x = text[:1]
-    item_norm = torch.nn.functional.layer_norm(torch.cat([x, 2 * x]), (x.shape[1],))
-    assert torch.allclose(item_norm[0], item_norm[1], atol=1e-5)
-    catalog = model.mrc.normalize("text", torch.cat([x, 2 * x]))
-    assert not torch.allclose(catalog[0], catalog[1], atol=1e-3)
-    torch.testing.assert_close(model.mrc.feature_shift_text, text.mean(0))
-    model.save_pretrained(tmp_path / "ckpt")
-    loaded = AutoModel.from_pretrained(tmp_path / "ckpt")
-    torch.testing.assert_close(loaded.mrc.feature_scale_text, model.mrc.feature_scale_text)
-    with pytest.raises(ValueError, match="feature_normalization must be"):
-        make_tiny("llama", feature_normalization="batch")
+    config = SpeederConfig(num_items=3, item_residual_embedding=False, feature_normalization="item")
+    assert "item_residual_embedding" not in config.to_dict() and "feature_normalization" not in config.to_dict()
+    for name, value in (("item_residual_embedding", True), ("catalog_item_embedding", True),
+                        ("feature_normalization", "catalog")):
+        with pytest.raises(ValueError, match=f"sets {name}={value!r}, an option removed"):
+            SpeederConfig(num_items=3, **{name: value})

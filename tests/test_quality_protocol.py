@@ -11,7 +11,6 @@ from datasets import Dataset, DatasetDict
 from conftest import HISTORIES, make_tiny
 from modeling_speeder.evaluation import (
     bucketed,
-    exclude_history,
     popularity_baseline,
     popularity_bucket_names,
     ranking_metrics,
@@ -20,6 +19,7 @@ from modeling_speeder.evaluation import (
     training_windows,
 )
 from modeling_speeder.recipes import dense_training_rows
+from modeling_speeder.recommendation import exclude_history
 
 
 @pytest.mark.parametrize("length", [2, 3, 7, 20, 21, 50, 137])
@@ -177,21 +177,6 @@ def test_dense_then_candidate_trains_both_heads_and_ranks_with_the_candidate_hea
     assert model.config.candidate_loss_weight == 1.0 and model.config.catalog_loss_weight == 1.0
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["candidate_ranking_head"] == "candidate"
-
-
-def test_item_residual_embedding_starts_at_zero_and_follows_the_id_modality():
-    """The free per-item embedding is zero at build time, and reaches an item's tokens only where its id modality
-    is let through (not during a text-only MPO stage)."""
-    model, _ = make_tiny("llama", item_residual_embedding=True)
-    assert model.mrc.residual_embedding.weight.abs().max() == 0
-    rows = torch.arange(10)
-    everything = torch.ones(len(model.mrc.modalities), dtype=torch.bool)
-    text_only = torch.tensor([m == "text" for m in model.mrc.modalities])
-    before = {name: model.mrc(rows, active)[0] for name, active in (("all", everything), ("text", text_only))}
-    with torch.no_grad():
-        model.mrc.residual_embedding.weight.fill_(1.0)
-    torch.testing.assert_close(model.mrc(rows, text_only)[0], before["text"])
-    torch.testing.assert_close(model.mrc(rows, everything)[0], before["all"] + 1.0)
 
 
 def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_path):

@@ -103,7 +103,7 @@ def test_parameter_groups_cover_the_model_and_survive_peft():
     from modeling_speeder.recipes import apply_lora
 
     # Every optional part on, so that every path must name a parameter.
-    model, _ = make_tiny("llama", catalog_item_bias=True, catalog_item_embedding=True, item_residual_embedding=True)
+    model, _ = make_tiny("llama", catalog_item_bias=True)
     names = [n for n, _ in model.named_parameters()]
     assert [n for n in names if model.parameter_group(n) is None] == []
     for group, paths in model.parameter_groups.items():
