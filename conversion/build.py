@@ -94,6 +94,38 @@ def build_speeder(
 
 
 
+def add_items(model: SpeederForSequentialRecommendation, processor: SpeederProcessor, item_ids: Sequence[str],
+              features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None):
+    """Extend a trained model's catalog with new items, in place, without retraining: their ids go to the processor,
+    their features (from the encoders that made the catalog's, `speeder features`) to the model's feature bank, and
+    the config's catalog fingerprint follows. Scores for them come from content (`SpeederForSequentialRecommendation.
+    add_items` says which per-item bias they get). Everything is checked before anything changes."""
+    model.check_processor(processor)
+    rows = {len(x) for x in features.values()}
+    if rows != {len(item_ids)}:
+        raise ValueError(f"{len(item_ids)} new item ids but features with {sorted(rows)} rows")
+    processor.check_new_item_ids(item_ids)
+    model.add_items(features, presence)
+    processor.add_items(item_ids)
+    model.config.catalog_fingerprint = processor.catalog_fingerprint
+
+
+def save_checkpoint(model: SpeederForSequentialRecommendation, processor: SpeederProcessor, output, carry_from=None):
+    """Save model and processor as one folder that replaces `output` in one step (a reader finds the old checkpoint or
+    the new one, never a model of one catalog beside a processor of another); files of `carry_from` that neither
+    writes (a model card, a report) are carried over."""
+    import shutil
+
+    from ..atomic_files import folder_written_atomically
+
+    with folder_written_atomically(output) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        source = Path(carry_from) if carry_from is not None else None
+        for old_file in source.iterdir() if source is not None and source.is_dir() else []:
+            if not (tmp / old_file.name).exists() and not old_file.name.startswith("."):
+                (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+
 
 def shrink_backbone(model: PreTrainedModel, tokenizer, texts: Sequence[str], num_layers: int | None = None):
     """A pretrained decoder cut down to what Speeder's prompts use, for small devices and for carrying a checkpoint
@@ -192,9 +224,11 @@ def load_backbone(spec: str, dtype=torch.float32):
 
 __all__ = [
     "TINY_FAMILIES",
+    "add_items",
     "build_speeder",
     "load_backbone",
     "make_word_tokenizer",
+    "save_checkpoint",
     "shrink_backbone",
     "smollm2_gguf_path",
     "tiny_config",

@@ -83,7 +83,8 @@ def exclusive_writer(folder: Path):
     share one); while it is held, temporaries that a killed save left beside `folder` are removed."""
     from filelock import FileLock
 
-    with FileLock(folder.parent / ".speeder-save.lock"):
+    # A singleton lock is reentrant, so a save may nest another in the same folder (a checkpoint of model + processor).
+    with FileLock(folder.parent / ".speeder-save.lock", is_singleton=True):
         for pattern in (f".{folder.name}.saving-*", f".{folder.name}.previous-*"):
             for stale in folder.parent.glob(pattern):  # only a killed save of this folder leaves these
                 shutil.rmtree(stale, ignore_errors=True)

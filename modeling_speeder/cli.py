@@ -397,6 +397,41 @@ def evaluate_command(args):
     print(f"full-catalog HR@10 {metrics['full_hr@10']:.4f}, NDCG@10 {metrics['full_ndcg@10']:.4f}; report in {args.output}")
 
 
+def add_items_command(args):
+    """Extend a checkpoint's catalog with new items from a JSONL, CSV or Parquet file (an `item_id` column, `title`
+    and/or `text`, optionally `image`), encoded by the encoders of `speeder features`; saved as one atomic folder."""
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    from .conversion import features as fx
+    from .conversion.build import add_items, save_checkpoint
+
+    model, processor = load_checkpoint(args.model)
+    source = Path(args.items)
+    readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".csv": Dataset.from_csv,
+               ".parquet": Dataset.from_parquet}
+    if source.suffix not in readers or not source.is_file():
+        raise ValueError(f"--items {source}: expected an existing .jsonl, .csv or .parquet file of new items")
+    items = readers[source.suffix](str(source))
+    if "item_id" not in items.column_names:
+        raise ValueError(f"--items {source} has no item_id column (columns: {items.column_names})")
+    features, presence = {}, {}
+    if "text" in model.mrc.modalities and {"title", "text"} & set(items.column_names):
+        column = lambda name: items[name] if name in items.column_names else [None] * len(items)  # noqa: E731
+        texts = [t or title for t, title in zip(column("text"), column("title"))]
+        features["text"], presence["text"] = fx.encode_texts(texts, args.text_encoder)
+    if "image" in model.mrc.modalities and args.image_encoder and "image" in items.column_names:
+        features["image"], presence["image"] = fx.encode_images(items["image"], args.image_encoder)
+    if not features:
+        raise ValueError(f"--items {source}: nothing to encode for this model's modalities {list(model.mrc.modalities)} "
+                         "(a title or text column, or an image column with --image-encoder)")
+    added = add_items(model, processor, [str(i) for i in items["item_id"]], features, presence)
+    save_checkpoint(model, processor, args.output or args.model, carry_from=args.model)
+    print(json.dumps({"added": added, "items": model.config.num_items, "output": str(args.output or args.model),
+                      "modalities": {m: int(mask.sum()) for m, mask in presence.items()}}))
+
+
 def load_checkpoint(path: str):
     """(model, processor) from a checkpoint folder or hub id, with an error that says what was looked for: a path
     that does not exist here is reported as such, not as an invalid hub id."""
@@ -591,6 +626,14 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights, data order and negatives")
     p.set_defaults(run=train_command)
+    p = commands.add_parser("add-items", help="add new items to a trained checkpoint's catalog, without retraining")
+    p.add_argument("--model", required=True, help="a checkpoint folder (model + processor)")
+    p.add_argument("--items", required=True, help="JSONL, CSV or Parquet: item_id, title and/or text, optional image")
+    p.add_argument("--output", default=None, help="the folder to write (default: replace --model, atomically)")
+    p.add_argument("--text-encoder", default=None, help="the text encoder of the catalog's features (all-MiniLM-L6-v2)")
+    p.add_argument("--image-encoder", default=None, help="the image encoder of the catalog's features, if any")
+    p.set_defaults(run=add_items_command)
+
     p = commands.add_parser("evaluate", help="evaluate a checkpoint: report.json and PNG plots")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
     p.add_argument("--model", required=False, help="a checkpoint folder (model + processor)")

@@ -77,6 +77,14 @@ def zero_at_build(table: nn.Embedding) -> nn.Embedding:
     return table
 
 
+def append_rows(table: nn.Embedding, rows: torch.Tensor):
+    """Grow an embedding table by `rows` (n, d), in place, keeping its device, dtype and trainability."""
+    weight = table.weight
+    table.weight = nn.Parameter(torch.cat([weight.detach(), rows.to(weight.device, weight.dtype)]),
+                                requires_grad=weight.requires_grad)
+    table.num_embeddings = table.weight.shape[0]
+
+
 def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor, modalities: Sequence[str]):
     """Raise unless every present feature row is finite and every item has a modality present: a NaN row, or an
     item with nothing present, would make that item everyone's top recommendation or a NaN score.
@@ -392,6 +400,39 @@ class SpeederModel(SpeederPreTrainedModel):
             getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
         self.mrc.presence.copy_(new_presence)
         self.clear_item_cache()
+
+    def add_items(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None) -> int:
+        """Append n items to the catalog (rows N .. N + n - 1), scored from their content with no retraining.
+        features[m]: (n, d_m) for any of the model's stored modalities; a modality not given is absent for the new
+        items (a new item has no interactions, so no `id` features); presence[m]: (n,) bool, False where an item lacks
+        m. Everything is checked before anything changes. Returns n."""
+        stored = [m for m in self.mrc.modalities if not (m == "id" and self.mrc.id_embedding is not None)]
+        unknown = set(features) - set(stored)
+        if unknown or not features:
+            raise ValueError(f"New items need features of some of {stored}; got {sorted(features)}")
+        n = len(next(iter(features.values())))
+        new_features, new_presence = {}, torch.zeros(n, len(self.mrc.modalities), dtype=torch.bool)
+        for m in stored:
+            width = self.config.feature_dims[m]
+            x = torch.as_tensor(features[m], dtype=torch.float32) if m in features else torch.zeros(n, width)
+            if tuple(x.shape) != (n, width):
+                raise ValueError(f"Features '{m}' of the new items have shape {tuple(x.shape)}; expected {(n, width)}")
+            mask = torch.as_tensor((presence or {}).get(m, torch.full((n,), m in features)), dtype=torch.bool)
+            if mask.shape != (n,) or (m not in features and mask.any()):
+                raise ValueError(f"Presence '{m}' of the new items has shape {tuple(mask.shape)}, expected ({n},), "
+                                 "and can be True only where features are given")
+            new_features[m], new_presence[:, self.mrc.modalities.index(m)] = torch.where(mask[:, None], x, 0.0), mask
+        check_feature_bank(new_features, new_presence, self.mrc.modalities)
+        buffers = self.mrc.presence.device, self.mrc.presence.dtype
+        for m, x in new_features.items():
+            bank = getattr(self.mrc, f"features_{m}")
+            self.mrc.register_buffer(f"features_{m}", torch.cat([bank, x.to(bank.device, bank.dtype)]))
+        self.mrc.register_buffer("presence", torch.cat([self.mrc.presence, new_presence.to(*buffers)]))
+        if self.mrc.id_embedding is not None:  # rows for the new items, never let through (their presence is False)
+            append_rows(self.mrc.id_embedding, torch.zeros(n, self.config.learned_id_dim))
+        self.config.num_items += n
+        self.clear_item_cache()
+        return n
 
     @property
     def active_modalities(self) -> torch.Tensor:
@@ -736,6 +777,16 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def item_cache_is_current(self) -> bool:
         return self.model.item_cache_is_current()
 
+    def add_items(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None) -> int:
+        """`SpeederModel.add_items`; each new item's per-item bias is the median of the trained ones: the prior of a
+        typical item (in a long-tailed catalog, a rarely chosen one), so a new item competes on its content, neither
+        buried below every item with evidence nor lifted to the level of the hits. Returns n."""
+        n = self.model.add_items(features, presence)
+        if self.catalog_item_bias is not None:
+            bias = self.catalog_item_bias.weight
+            append_rows(self.catalog_item_bias, bias.detach().median().expand(n, 1))
+        return n
+
     def catalog_logits(self, hidden: torch.Tensor, item_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
         per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
@@ -887,6 +938,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
 
 
 __all__ = [
+    "append_rows",
     "check_feature_bank",
     "SpeederPreTrainedModel",
     "SpeederForSequentialRecommendation",

@@ -96,6 +96,21 @@ class SpeederProcessor(ProcessorMixin):
         except KeyError:
             raise ValueError(f"Unknown item id {item_id!r}: not in this catalog of {self.num_items} items") from None
 
+    def check_new_item_ids(self, item_ids: Sequence[str]) -> list[str]:
+        """The ids as strings; raises for an empty list, a repeated id or an id already in the catalog."""
+        new = [str(i) for i in item_ids]
+        taken = sorted({i for i in new if i in self._index} | {i for i, c in Counter(new).items() if c > 1})
+        if not new or taken:
+            raise ValueError(f"New item ids must be new and distinct; got {len(new)} ids"
+                             f"{f', of which already in the catalog or repeated: {taken[:10]}' if taken else ''}")
+        return new
+
+    def add_items(self, item_ids: Sequence[str]):
+        """Append new catalog ids (rows N ..), checked by `check_new_item_ids`."""
+        new = self.check_new_item_ids(item_ids)
+        self._index.update((item, self.num_items + j) for j, item in enumerate(new))
+        self.item_ids.extend(new)
+
     def item_ids_of(self, rows: Sequence[int]) -> list[str]:
         return [self.item_ids[r] for r in rows]
 

@@ -342,3 +342,25 @@ def test_concurrent_reader_always_finds_a_complete_checkpoint(tmp_path):
         saves_done.set()
         reader.join()
     assert reads[0] > 0 and misses == [], f"the checkpoint was missing in {len(misses)} of {reads[0]} reads"
+
+
+def test_recommend_refuses_malformed_histories_sizes_and_non_finite_scores():
+    """A string history would be read as one-character ids, a non-positive batch or chunk size returned nothing, and a
+    NaN weight or feature made NaN scores come back as rankings."""
+    from conftest import HISTORIES, make_tiny
+
+    model, processor = make_tiny("llama")
+    for histories, message in (("item1", "histories must be a list"), (["item1"], "each history must be a list"),
+                               ([None], "each history must be a list"), ([HISTORIES[0], "item2"], "each history")):
+        with pytest.raises(ValueError, match=message):
+            model.recommend(histories, processor=processor)
+    for name in ("batch_size", "chunk_size", "top_k"):
+        for value in (0, -1, 2.5):
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value}"):
+                model.recommend(HISTORIES, processor=processor, **{name: value})
+    with pytest.raises(ValueError, match="each candidate list must be a list"):
+        model.recommend(HISTORIES[:1], candidates=["item1"], processor=processor)
+    with torch.no_grad():
+        model.query_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="scored NaN or \\+inf for histories 0..2"):
+        model.recommend(HISTORIES, processor=processor)
