@@ -101,6 +101,31 @@ def leave_one_out(
     return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
 
 
+def hold_out_items(splits: DatasetDict, item_ids: Sequence[str], share: float = 0.1, seed: int = 0,
+                   num_negatives: int = NUM_NEGATIVES):
+    """The new-item protocol: a seeded `share` of the catalog is held out of training entirely, to be added to the
+    trained model afterwards (`conversion.build.add_items`) and scored from content alone.
+
+    Returns (known_splits, known_ids, held_ids, test): `known_splits` are leave-one-out splits of every user's sequence
+    with the held-out items removed, over the catalog `known_ids` (train on them, select on their validation split;
+    their own test split is not the protocol's); `test` is the original test split, histories without held-out items
+    (a user whose history is left empty is dropped), targets and stored candidates unchanged: its users whose target
+    is in `held_ids` form the new-item set. No held-out item is a target or a history item of any known row, and no
+    original validation or test target is a training target (the known rows end where each user's sequence ends)."""
+    if not 0 < share < 1:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(np.array(list(item_ids)), size=max(1, round(share * len(item_ids))), replace=False).tolist())
+    known_ids = [i for i in item_ids if i not in held]
+    sequences = {user: [i for i in [*history, target] if i not in held]
+                 for user, history, target in zip(splits["test"]["user_id"], splits["test"]["history"],
+                                                  splits["test"]["target"])}
+    known_splits = leave_one_out(sequences, known_ids, num_negatives=num_negatives, seed=seed)
+    test = splits["test"].map(lambda row: {"history": [i for i in row["history"] if i not in held]})
+    test = test.filter(lambda row: len(row["history"]) > 0)
+    return known_splits, known_ids, [i for i in item_ids if i in held], test
+
+
 # What write_canonical and `speeder features` put in a dataset folder: the only names a replaced folder may hold.
 CANONICAL_FILES = {f"{split}.parquet" for split in SPLITS} | {"items.parquet", "features.safetensors", "stats.json",
                                                                ".feature_cache"}
@@ -586,4 +611,4 @@ def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tens
 
 
 __all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",
-           "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
+           "hold_out_items", "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
