@@ -82,7 +82,7 @@ class SpeederConfig(PreTrainedConfig):
             value = kwargs.pop(name, kept)
             if value != kept:
                 raise ValueError(f"This config sets {name}={value!r}, an option removed after it lost its experiment "
-                                 f"(BENCHMARKS.md); only {name}={kept!r} loads: load this checkpoint with speeder 0.1.0")
+                                 f"(bench/earlier-runs.md); only {name}={kept!r} loads: load this checkpoint with speeder 0.1.0")
         if self.modality_dims is None:
             self.modality_dims = {}
         super().__post_init__(**kwargs)

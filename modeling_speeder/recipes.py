@@ -107,7 +107,7 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     that role."""
     splits, items, features, presence = load_canonical(data_dir)
     config_kwargs.setdefault("item_dropout", 0.2)  # as SASRec's embedding dropout: without it the small model overfits
-    config_kwargs.setdefault("catalog_item_bias", True)  # popularity prior of the catalog head (BENCHMARKS: recipe)
+    config_kwargs.setdefault("catalog_item_bias", True)  # popularity prior of the catalog head (bench/earlier-runs.md)
     if sasrec is not None:
         index = {item: row for row, item in enumerate(items["item_id"])}
         train_sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]
@@ -159,7 +159,7 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dr
     The default keeps the long ramp because it measured best: it works as modality dropout on the SASRec `id`
     features, which the model otherwise leans on too hard (they were fitted to the same training targets). On
     Scientific validation NDCG@10: long ramp 0.6045, short ramp with no dropout 0.5838, `id` dropout 0.3 / 0.5 / 0.7
-    0.5951 / 0.6005 / 0.6059 (BENCHMARKS.md, "Regularisation, the MPO ramp and the `id` modality")."""
+    0.5951 / 0.6005 / 0.6059 (bench/earlier-runs.md, "Regularisation, the MPO ramp and the `id` modality")."""
     stages = [dict(stage) for stage in stages]
     for stage in stages[:-1] if stage_steps is not None else []:
         stage["steps"] = stage_steps
@@ -185,12 +185,12 @@ SAMPLED_SOFTMAX_FROM = 10_000
 SAMPLED_NEGATIVES = 1024
 HEADS = ("catalog-dense", "candidate", "dense+candidate")
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
-# The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (BENCHMARKS.md,
+# The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (bench/earlier-runs.md,
 # "Distillation from the SASRec baseline"); `train` itself distils only when given a teacher and a weight.
 DISTILLATION_WEIGHT = 1.0
 # ... and the fewest training interactions an item needs to be in the distilled distributions: cold items (at most
 # COLD_ITEM_MAX_COUNT) are left out, the teacher's low probability for them says more about their few interactions
-# than about the user (BENCHMARKS.md, same section: better on both validation metrics, two seeds).
+# than about the user (bench/earlier-runs.md, same section: better on both validation metrics, two seeds).
 DISTILLATION_MIN_COUNT = COLD_ITEM_MAX_COUNT + 1
 
 
@@ -210,7 +210,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     improvement. selection_metric: "full_ndcg@10" (default) / "full_hr@10" (the whole catalog, history excluded, as
     the SASRec baseline is selected; `SpeederTrainer` adds them to every evaluation) or "ndcg@10" (the stored
     candidates, `compute_metrics`). With distillation the two validation curves part: the candidates peak early, the
-    whole catalog keeps rising for several epochs. Selected on the whole catalog, the runs in BENCHMARKS.md
+    whole catalog keeps rising for several epochs. Selected on the whole catalog, the runs in bench/earlier-runs.md
     ("Selecting on the whole catalog, with warm-only distillation") gain on the whole catalog on Beauty (test full
     NDCG@10 0.032 -> 0.047) and MovieLens-100k and are about level on Scientific, for 0.00-0.02 of validation
     NDCG@10 on the candidates (on Beauty, test HR@1 falls to SASRec's level).
