@@ -12,6 +12,7 @@ negatives. The folder is written to a temporary path and renamed when complete.
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,9 @@ def leave_one_out(
         summary.append(filter_step(f"users with at least {min_length} interactions (a training row, a validation and a "
                                    "test target); their items stay in the catalog as negatives", kept, sequences,
                                    catalog=len(item_ids)))
+    if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+        raise ValueError(f"num_negatives must be a positive integer (the stored candidates are the target and that many "
+                         f"negatives), got {num_negatives!r}")
     known = set(item_ids)
     catalog = np.array(item_ids)
     rng = np.random.default_rng(seed)
@@ -502,14 +506,15 @@ def _read_sequence_lines(path: Path, delimiter: str) -> list[tuple[float, str, s
 
 
 def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None = None, user_column: str = "user_id",
-                item_column: str = "item_id", time_column: str | None = "timestamp", delimiter: str = ",",
+                item_column: str = "item_id", time_column: str | None = None, delimiter: str = ",",
                 sequences_per_line: bool = False, interacted_items_only: bool = False, **split_kwargs):
     """Plain CSV (or TSV, any `delimiter`): interactions with user, item and optional time columns (named by the
-    arguments; no time column: file order), and an optional items CSV with the item column and any of title, text,
-    image. `sequences_per_line`: instead a headerless file with one user per line, `user<delimiter>item item ...`,
-    oldest first. The catalog is every item of the items file (items nobody interacted with are negatives only; the
-    summary counts them), or with `interacted_items_only` the items someone interacted with. Errors name the file and
-    line. Returns (splits, items)."""
+    arguments; `time_column` None: "timestamp" when the file has it, else file order; a named one must exist), and
+    an optional items CSV with the item column and any of title, text, image. `sequences_per_line`: instead a
+    headerless file with one user per line, `user<delimiter>item item ...`, oldest first. The catalog is every item
+    of the items file (items nobody interacted with are negatives only; the summary counts them), or with
+    `interacted_items_only` the items someone interacted with. Errors name the file and line. Returns (splits,
+    items)."""
     import csv
 
     interactions = Path(interactions)
@@ -529,7 +534,11 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
         if missing:
             raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames}; delimiter "
                              f"{delimiter!r}): name the columns with --user-column / --item-column, or set --delimiter")
-        timed = time_column is not None and time_column in reader.fieldnames
+        if time_column is not None and time_column not in reader.fieldnames:
+            raise ValueError(f"{interactions} has no {time_column!r} column (columns: {reader.fieldnames}): name the "
+                             "time column with --time-column, or leave it out to keep the file's order")
+        time_column = time_column or ("timestamp" if "timestamp" in reader.fieldnames else None)
+        timed = time_column is not None
         rows = []
         for line_no, r in enumerate(reader, start=2):
             if not r.get(user_column) or not r.get(item_column):
@@ -538,9 +547,11 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
             if timed:
                 try:
                     when = float(r[time_column])
+                    if not math.isfinite(when):
+                        raise ValueError
                 except (TypeError, ValueError):
                     raise ValueError(f"{interactions}, line {line_no}: {time_column!r} is {r[time_column]!r}, expected a "
-                                     "number") from None
+                                     "finite number") from None
             rows.append((when, r[user_column], r[item_column]))
     if not rows:
         raise ValueError(f"{interactions} has a header but no interactions")

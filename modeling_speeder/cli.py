@@ -217,6 +217,7 @@ def features(args):
 
     from .conversion import datasets as ds
     from .conversion import features as fx
+    from .processing.processing_speeder import catalog_fingerprint
 
     data = Path(args.data)
     splits, items, _, _ = ds.load_canonical(data)
@@ -240,6 +241,7 @@ def features(args):
         validation = (sequences, [index[t] for t in splits["validation"]["target"]])  # selection, as RecBole does
         new["id"], presence["id"], sasrec = fx.collaborative_features(sequences, len(index), epochs=args.sasrec_epochs,
                                                                       validation=validation)
+        sasrec.config.catalog_fingerprint = catalog_fingerprint(items["item_id"])
         sasrec.save_pretrained(data / "sasrec")
         timings["id"] = round(time.perf_counter() - start, 1)
     if not new:
@@ -273,30 +275,42 @@ def build(args):
                       "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
 
-def _load_config(args, parser):
-    """Values from a YAML or JSON --config file, for every option not given on the command line."""
+def _load_config(args, parser, given: set[str]):
+    """Values from a YAML or JSON --config file, for every option not `given` on the command line."""
     if not getattr(args, "config", None):
         return args
     import yaml
 
     with open(args.config, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
-    actions = {action.dest: action for action in parser._actions}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{args.config}: expected a mapping of option: value, got a {type(values).__name__}")
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     for key, value in values.items():
-        dest = key.replace("-", "_")
-        if not hasattr(args, dest):
-            raise SystemExit(f"{args.config}: unknown option {key!r}")
+        dest = str(key).replace("-", "_")
         action = actions.get(dest)
-        if action is not None and value is not None:  # the command line's own checks (ranges, choices)
+        if action is None:
+            raise SystemExit(f"{args.config}: unknown option {key!r}")
+        if action.nargs == 0 and not isinstance(value, bool):  # a flag: "false" in quotes would read as true
+            raise SystemExit(f"{args.config}: {key}: expected true or false, got {value!r}")
+        if action.nargs != 0 and value is not None:  # the command line's own checks (ranges, choices)
             try:
                 value = action.type(str(value)) if action.type is not None else value
             except (argparse.ArgumentTypeError, ValueError) as err:
                 raise SystemExit(f"{args.config}: {key}: {err}") from err
             if action.choices is not None and value not in action.choices:
                 raise SystemExit(f"{args.config}: {key}: {value!r} is not one of {list(action.choices)}")
-        if getattr(args, dest) == parser.get_default(dest):
+        if dest not in given:  # the command line wins, also where it repeats a default
             setattr(args, dest, value)
     return args
+
+
+def _given_on_command_line(argv, command: str) -> set[str]:
+    """The options `argv` sets explicitly: parsed again with every default of `command` replaced by a marker."""
+    parser, commands = build_parser()
+    unset = object()
+    commands[command].set_defaults(**{a.dest: unset for a in commands[command]._actions if a.dest != "help"})
+    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not unset}
 
 
 def _distillation_teacher(args):
@@ -316,6 +330,10 @@ def _distillation_teacher(args):
         return None
     from .sasrec import SASRecModel
 
+    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type != SASRecModel.config_class.model_type:
+        raise ValueError(f"--teacher {path}: a {model_type!r} checkpoint, not a SASRec "
+                         f"({SASRecModel.config_class.model_type!r}, as `speeder features --collaborative` writes)")
     return SASRecModel.from_pretrained(path, use_safetensors=True)
 
 
@@ -530,7 +548,8 @@ def build_parser():
     p.add_argument("--items", help="csv: an optional items CSV")
     p.add_argument("--user-column", default="user_id", help="csv: the user column")
     p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
-    p.add_argument("--time-column", default="timestamp", help="csv: the time column, if present (else file order)")
+    p.add_argument("--time-column", default=None,
+                   help="csv: the time column (default: 'timestamp' when the file has one, else the file's order)")
     p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
     p.add_argument("--sequences-per-line", action="store_true",
                    help="csv: a headerless file of one user per line, 'user<delimiter>item item ...' oldest first")
@@ -689,7 +708,8 @@ def run(argv=None):
     """Parse `argv` and run the command; errors propagate (for callers and tests)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    args = _load_config(args, commands[args.command])
+    if getattr(args, "config", None):
+        args = _load_config(args, commands[args.command], _given_on_command_line(argv, args.command))
     required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())
     missing = [flag for flag in required if getattr(args, flag) is None]
     if missing:

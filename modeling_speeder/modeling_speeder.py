@@ -85,12 +85,15 @@ def append_rows(table: nn.Embedding, rows: torch.Tensor):
     table.num_embeddings = table.weight.shape[0]
 
 
-def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor, modalities: Sequence[str]):
+def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor, modalities: Sequence[str],
+                       absent_rows_too: bool = False):
     """Raise unless every present feature row is finite and every item has a modality present: a NaN row, or an
-    item with nothing present, would make that item everyone's top recommendation or a NaN score.
+    item with nothing present, would make that item everyone's top recommendation or a NaN score. With
+    `absent_rows_too` (a stored bank, whose absent rows are zero), every row: NaN times a zero presence is NaN.
     features[m]: (N, d_m); presence: (N, M) bool in `modalities` order."""
     for m, x in features.items():
-        bad = (~torch.isfinite(x).all(-1) & presence[:, modalities.index(m)]).nonzero().flatten()
+        checked = True if absent_rows_too else presence[:, modalities.index(m)]
+        bad = (~torch.isfinite(x).all(-1) & checked).nonzero().flatten()
         if len(bad):
             raise ValueError(f"Features '{m}' hold NaN or inf in rows {bad[:10].tolist()} (of {len(bad)} rows)")
     empty = (~presence.any(-1)).nonzero().flatten()
@@ -258,7 +261,7 @@ class SpeederPreTrainedModel(PreTrainedModel):
         mrc = model.mrc
         stored = {m: getattr(mrc, f"features_{m}") for m in mrc.modalities if hasattr(mrc, f"features_{m}")}
         try:
-            check_feature_bank(stored, mrc.presence, mrc.modalities)
+            check_feature_bank(stored, mrc.presence, mrc.modalities, absent_rows_too=True)
         except ValueError as err:
             raise ValueError(f"The Speeder checkpoint {str(pretrained_model_name_or_path)!r} has a corrupt feature "
                              f"bank: {err}") from err

@@ -30,6 +30,7 @@ from .evaluation import (
     training_windows,
 )
 from .processing.collator import SpeederDataCollator
+from .processing.processing_speeder import catalog_fingerprint
 from .recommendation import exclude_history
 from .training import (
     SpeederMPOCallback,
@@ -194,6 +195,23 @@ DISTILLATION_WEIGHT = 1.0
 DISTILLATION_MIN_COUNT = COLD_ITEM_MAX_COUNT + 1
 
 
+def check_teacher(teacher, processor):
+    """Raise unless `teacher` is a SASRec of this catalog: same class, item count and, where it records one, the
+    same item ids in the same order (a teacher of another catalog of the same size would distil noise)."""
+    from .sasrec import SASRecModel
+
+    if not isinstance(teacher, SASRecModel) or teacher.config.model_type != "speeder_sasrec":
+        raise ValueError(f"The distillation teacher must be the package's SASRecModel, got {type(teacher).__name__} "
+                         f"(model_type {getattr(teacher.config, 'model_type', None)!r})")
+    if teacher.config.num_items != processor.num_items:
+        raise ValueError(f"The teacher was trained on a catalog of {teacher.config.num_items} items, the model has "
+                         f"{processor.num_items}: train the teacher on this dataset")
+    fingerprint = teacher.config.catalog_fingerprint
+    if fingerprint is not None and fingerprint != processor.catalog_fingerprint:
+        raise ValueError(f"The teacher's catalog (fingerprint {fingerprint}) differs from the model's "
+                         f"({processor.catalog_fingerprint}): same size, other item ids or order")
+
+
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
           learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
@@ -269,9 +287,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     distill = teacher is not None and distillation_weight > 0
     if distill and not dense:
         raise ValueError(f"Distillation needs head='catalog-dense' (dense batches), got head={head!r}")
-    if distill and teacher.config.num_items != model.config.num_items:
-        raise ValueError(f"The teacher was trained on a catalog of {teacher.config.num_items} items, the model has "
-                         f"{model.config.num_items}: train the teacher on this dataset")
+    if distill:
+        check_teacher(teacher, processor)
     if distill and teacher.config.max_length < model.config.max_history:
         raise ValueError(f"The teacher reads {teacher.config.max_length} items but the model {model.config.max_history}")
     if distillation_min_count < 0:
@@ -503,6 +520,7 @@ def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0,
     validation = ([rows(h) for h in selection["history"]], rows(selection["target"]))
     model = train_sasrec([rows(h) for h in splits["validation"]["history"]], len(item_ids), epochs=epochs, seed=seed,
                          validation=validation, patience=patience, **sasrec_kwargs)
+    model.config.catalog_fingerprint = catalog_fingerprint(item_ids)
     report = {"train_seconds": round(time.perf_counter() - start, 1), "training": model.training_record}
     for split in ("validation", "test"):
         report[split] = evaluate_sasrec(model, [rows(h) for h in data[split]["history"]], rows(data[split]["target"]),

@@ -34,6 +34,7 @@ class SASRecConfig(PreTrainedConfig):
     max_length: int = 50  # most recent items kept
     dropout: float = 0.2
     initializer_range: float = 0.02
+    catalog_fingerprint: str | None = None  # hash of the item ids in row order (`catalog_fingerprint`), when known
 
 
 class SASRecModel(PreTrainedModel):

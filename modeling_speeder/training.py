@@ -27,13 +27,36 @@ def last_complete_checkpoint(folder) -> str | None:
     found = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
                     if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()), reverse=True)
     for _, path in found:
-        missing = [name for name in ("trainer_state.json",) if not (path / name).exists()]
-        if not any(path.glob("*.safetensors")):
-            missing.append("model weights (*.safetensors)")
-        if not missing:
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        logger.warning("Not resuming from %s: it is incomplete (no %s), probably killed while being written",
-                       path, ", ".join(missing))
+        logger.warning("Not resuming from %s: %s; trying the one before", path, problem)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a Trainer checkpoint cannot be resumed from, or None: a missing `trainer_state.json` (written last, so a
+    checkpoint killed mid-write lacks it), weights that are missing or not readable safetensors (truncated, damaged),
+    or an optimizer or scheduler file that is not a readable torch archive."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not (path / "trainer_state.json").exists():
+        return "it is incomplete (no trainer_state.json), probably killed while being written"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "it has no model weights (*.safetensors)"
+    for file in weights:
+        try:
+            with safe_open(file, "pt"):  # checks the header against the file's length, reads no tensor
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"{file.name} is damaged or truncated ({error})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        file = path / name
+        if file.exists() and not zipfile.is_zipfile(file):
+            return f"{name} is damaged or truncated (not a torch archive)"
     return None
 
 
@@ -94,9 +117,17 @@ class SpeederTrainer(Trainer):
         if checkpoint and hasattr(self.data_collator, "restore_rng_state"):
             path = Path(checkpoint) / self.COLLATOR_RNG_FILE
             if path.exists():
-                saved = json.loads(path.read_text())
-                self.data_collator.restore_rng_state(saved["state"], saved["training_batches"])
-                self._training_batches = saved["training_batches"]
+                try:
+                    saved = json.loads(path.read_text())
+                    state, batches, seed = saved["state"], int(saved["training_batches"]), saved.get("seed")
+                except (ValueError, KeyError, TypeError) as error:
+                    raise ValueError(f"{path} is damaged ({error!r}): resume from an earlier checkpoint, or delete the "
+                                     "file to resume with new draws") from None
+                if seed is not None and seed != self.data_collator.seed:
+                    raise ValueError(f"{path} holds the draw stream of a run with seed {seed}; this run has seed "
+                                     f"{self.data_collator.seed}: resume with the seed the checkpoint was trained with")
+                self.data_collator.restore_rng_state(state, batches)
+                self._training_batches = batches
             else:
                 logger.warning("%s has no %s: the resumed run draws new negatives and ramp masks, not those the "
                                "uninterrupted run would have", checkpoint, self.COLLATOR_RNG_FILE)
@@ -114,7 +145,7 @@ class SpeederTrainer(Trainer):
             except ValueError as error:  # the loader ran further ahead than the collator remembers: resume inexactly
                 logger.warning("%s: %s is not written", error, self.COLLATOR_RNG_FILE)
                 return
-            saved = {"training_batches": self._training_batches, "state": state}
+            saved = {"training_batches": self._training_batches, "state": state, "seed": self.data_collator.seed}
             # Written before trainer_state.json, the file that marks a checkpoint complete (last_complete_checkpoint).
             write_text_atomically(Path(output_dir) / self.COLLATOR_RNG_FILE, json.dumps(saved))
 

@@ -174,6 +174,30 @@ def test_config_file_values_get_the_command_line_checks(tmp_path, yaml_text, mes
         cli(["train", "--data", "d", "--config", str(tmp_path / "c.yaml")])
 
 
+@pytest.mark.parametrize("yaml_text, message", [
+    ("no_mpo: 'false'\n", "no_mpo: expected true or false, got 'false'"),
+    ("- lr\n- 0.1\n", "expected a mapping of option: value, got a list"),
+    ("run: 5\n", "unknown option 'run'"),
+])
+def test_config_file_shapes_and_flags_are_checked(tmp_path, yaml_text, message):
+    from modeling_speeder.cli import run as cli
+
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    with pytest.raises(SystemExit, match=message):
+        cli(["train", "--data", "d", "--config", str(tmp_path / "c.yaml")])
+
+
+def test_the_command_line_wins_over_the_config_file_also_where_it_repeats_a_default(tmp_path, monkeypatch):
+    """`--lr 0.001` (the default) with `lr: 0.5` in the file trained at 0.5."""
+    from modeling_speeder import cli
+
+    ran = {}
+    monkeypatch.setattr(cli, "train_command", lambda args: ran.update(vars(args)))  # build_parser reads it
+    (tmp_path / "c.yaml").write_text("lr: 0.5\nbatch_size: 8\nno_mpo: true\n")
+    cli.run(["train", "--data", "d", "--lr", "0.001", "--config", str(tmp_path / "c.yaml")])
+    assert ran["lr"] == 0.001 and ran["batch_size"] == 8 and ran["no_mpo"] is True
+
+
 @pytest.mark.parametrize(
     "setting, value",
     [("tokens_per_item", 1), ("max_history", 4), ("item_level_position_ids", False), ("item_token_id", 5)],
@@ -189,7 +213,7 @@ def test_a_processor_with_other_layout_settings_is_refused(setting, value):
         model.recommend(HISTORIES, candidates=CANDIDATES, processor=processor)
 
 
-@pytest.mark.parametrize("damage", ["nan_row", "empty_presence_row", "missing_tensor"])
+@pytest.mark.parametrize("damage", ["nan_row", "nan_in_an_absent_row", "empty_presence_row", "missing_tensor"])
 def test_a_damaged_feature_bank_is_refused_on_load(tmp_path, damage):
     """The feature bank is the catalog: a NaN row or an item with no modality would be everyone's top-1, and a
     missing tensor would load as uninitialised memory. Loading says which."""
@@ -200,12 +224,16 @@ def test_a_damaged_feature_bank_is_refused_on_load(tmp_path, damage):
     state = load_file(weights_file)
     if damage == "nan_row":
         state["model.mrc.features_text"][3] = float("nan")
+    elif damage == "nan_in_an_absent_row":  # NaN times a zero presence is NaN: the item was everyone's top-1
+        absent = (~state["model.mrc.presence"][:, 1]).nonzero().flatten()[0]
+        state["model.mrc.features_image"][absent] = float("nan")
     elif damage == "empty_presence_row":
         state["model.mrc.presence"][7] = False
     else:
         del state["model.mrc.features_image"]
     save_file(state, weights_file, metadata={"format": "pt"})
-    expected = {"nan_row": r"NaN or inf in rows \[3\]", "empty_presence_row": r"Items \[7\] have no modality",
+    expected = {"nan_row": r"NaN or inf in rows \[3\]", "nan_in_an_absent_row": "'image' hold NaN or inf in rows",
+                "empty_presence_row": r"Items \[7\] have no modality",
                 "missing_tensor": "lacks its feature bank tensors.*features_image"}[damage]
     with pytest.raises((ValueError, OSError), match=expected):
         AutoModel.from_pretrained(ckpt)

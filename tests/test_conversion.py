@@ -15,6 +15,7 @@ from modeling_speeder.conversion.datasets import (
     convert_csv,
     convert_lcrec,
     convert_s3rec,
+    leave_one_out,
     load_canonical,
     write_canonical,
 )
@@ -338,7 +339,7 @@ def test_csv_columns_delimiter_and_line_errors(tmp_path):
     with pytest.raises(ValueError, match="header.csv has a header but no interactions"):
         convert_csv(tmp_path / "header.csv")
     (tmp_path / "blank.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,\n")
-    with pytest.raises(ValueError, match="blank.csv, line 3: 'timestamp' is '', expected a number"):
+    with pytest.raises(ValueError, match="blank.csv, line 3: 'timestamp' is '', expected a finite number"):
         convert_csv(tmp_path / "blank.csv")
 
 
@@ -441,3 +442,16 @@ def test_amazon2023_reads_gzipped_files(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"user_id": "u", "parent_asin": "I1", "timestamp": 1}\n\xff\xfe\n')
     with pytest.raises(ValueError, match="bad.jsonl, line 2: not UTF-8"):
         convert_amazon2023(tmp_path / "bad.jsonl", tmp_path / "m.jsonl")
+
+
+def test_a_mistyped_time_column_a_nan_time_and_zero_negatives_are_refused(tmp_path):
+    """A named time column that the file lacks used to order by file position without a word; a `nan` time was
+    accepted; num_negatives=0 left every candidate list one item long, so HR@1 was 1.0."""
+    (tmp_path / "i.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu1,c,3\nu1,d,4\n")
+    with pytest.raises(ValueError, match="i.csv has no 'tme' column.*--time-column"):
+        convert_csv(tmp_path / "i.csv", time_column="tme")
+    (tmp_path / "nan.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,nan\n")
+    with pytest.raises(ValueError, match="nan.csv, line 3: 'timestamp' is 'nan', expected a finite number"):
+        convert_csv(tmp_path / "nan.csv")
+    with pytest.raises(ValueError, match="num_negatives must be a positive integer.*got 0"):
+        leave_one_out({"u1": ["a", "b", "c", "d"]}, ["a", "b", "c", "d", "e"], num_negatives=0)

@@ -240,3 +240,29 @@ def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_
         train(model, processor, splits, tmp_path / "run", head="candidate", teacher=teacher, distillation_weight=1.0)
     with pytest.raises(ValueError, match="distillation_min_count"):
         train(model, processor, splits, tmp_path / "run", teacher=teacher, distillation_weight=1.0, distillation_min_count=-1)
+
+
+def test_a_teacher_of_another_catalog_is_refused_before_training(tmp_path):
+    """A SASRec of the same size over other item ids (or another order), or another model class, used to be accepted
+    and distilled from with weight 1."""
+    from conftest import make_tiny
+    from modeling_speeder.cli import _distillation_teacher
+    from modeling_speeder.processing.processing_speeder import catalog_fingerprint
+    from modeling_speeder.recipes import check_teacher
+    from modeling_speeder.sasrec import SASRecConfig, SASRecModel
+
+    model, processor = make_tiny("llama")
+    teacher = SASRecModel(SASRecConfig(num_items=processor.num_items, catalog_fingerprint=processor.catalog_fingerprint))
+    check_teacher(teacher, processor)
+    teacher.config.catalog_fingerprint = catalog_fingerprint(list(reversed(processor.item_ids)))
+    with pytest.raises(ValueError, match="teacher's catalog .* differs from the model's"):
+        check_teacher(teacher, processor)
+    with pytest.raises(ValueError, match="catalog of 7 items, the model has 40"):
+        check_teacher(SASRecModel(SASRecConfig(num_items=7)), processor)
+    with pytest.raises(ValueError, match="must be the package's SASRecModel, got SpeederForSequentialRecommendation"):
+        check_teacher(model, processor)
+    model.save_pretrained(tmp_path / "speeder")
+    args = type("Args", (), {"distillation_weight": 1.0, "head": "catalog-dense", "teacher": str(tmp_path / "speeder"),
+                             "data": str(tmp_path)})()
+    with pytest.raises(ValueError, match="a 'speeder' checkpoint, not a SASRec"):
+        _distillation_teacher(args)

@@ -231,6 +231,41 @@ def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path, caplog):
     assert not all(torch.equal(fresh_draws[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_damaged_newest_checkpoint_falls_back_and_a_foreign_draw_state_is_refused(tmp_path, caplog):
+    """A truncated model.safetensors or a garbage optimizer.pt in the newest checkpoint gave a raw traceback and no
+    fallback; a draw-state file from a run with another seed was accepted (the run was no longer exact), and a corrupt
+    one failed without naming the file."""
+    from transformers import TrainingArguments
+
+    from modeling_speeder.training import SpeederTrainer, last_complete_checkpoint
+
+    def trainer_for(output, seed=0):
+        model, processor = make_tiny("llama")
+        args = TrainingArguments(output_dir=str(output), per_device_train_batch_size=8, max_steps=4, save_steps=2,
+                                 report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+                                 label_names=["labels", "catalog_labels"], seed=seed)
+        return SpeederTrainer(model=model.train(), args=args, train_dataset=toy_rows(), processing_class=processor,
+                              data_collator=SpeederDataCollator(processor, num_negatives=5, seed=seed))
+
+    trainer_for(tmp_path / "run").train()
+    newest = tmp_path / "run" / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "run") == str(newest)
+    weights = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with caplog.at_level(logging.WARNING, logger="modeling_speeder.training"):
+        assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-2")
+    assert "model.safetensors is damaged or truncated" in caplog.text
+    (newest / "model.safetensors").write_bytes(weights)
+    (newest / "optimizer.pt").write_bytes(b"not a torch archive")
+    assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-2")
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    with pytest.raises(ValueError, match="seed 0; this run has seed 1"):
+        trainer_for(tmp_path / "other", seed=1).train(resume_from_checkpoint=str(checkpoint))
+    (checkpoint / SpeederTrainer.COLLATOR_RNG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{SpeederTrainer.COLLATOR_RNG_FILE} is damaged"):
+        trainer_for(tmp_path / "other").train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_peft_lora_save_reload_merge(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
