@@ -466,11 +466,15 @@ class SpeederModel(SpeederPreTrainedModel):
     def clear_item_cache(self):
         self._item_cache = self._item_repr_cache = self._item_cache_key = None
 
+    @torch.no_grad()
     def _item_weights_key(self) -> tuple:
         """Storage, version counter and dtype of every tensor the item tokens depend on: any in-place update
-        (optimizer step, load_state_dict, set_item_features) bumps a version, and `.to(...)` changes storage or dtype."""
+        (optimizer step, load_state_dict, set_item_features) bumps a version, and `.to(...)` changes storage or dtype;
+        plus a sum of the MRC parameters, since an edit through `.data` (the EMA idiom) bumps no version. The feature
+        bank is not summed (it is large, and set_item_features / add_items clear the cache themselves)."""
         tensors = [*self.mrc.parameters(), *self.mrc.buffers(), self.modality_keep_prob]
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        checksum = float(sum(p.double().sum() for p in self.mrc.parameters()))
+        return (*((t.data_ptr(), t._version, t.dtype) for t in tensors), checksum)
 
     def item_cache_is_current(self) -> bool:
         """True when a cache exists and the weights, device and dtype it was computed from are unchanged."""

@@ -226,3 +226,16 @@ def test_configs_of_removed_options_load_only_with_the_value_that_was_kept():
                         ("feature_normalization", "catalog")):
         with pytest.raises(ValueError, match=f"sets {name}={value!r}, an option removed"):
             SpeederConfig(num_items=3, **{name: value})
+
+
+def test_item_cache_follows_edits_through_data():
+    """The EMA idiom edits weights through `.data`, which bumps no version counter: recommend() used the old cache."""
+    model, proc = make_tiny("llama")
+    before = model.recommend(HISTORIES, top_k=5, processor=proc)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.mrc.parameters():
+        parameter.data.add_(torch.randn(parameter.shape, generator=generator))
+    expected = model.model.mrc(torch.arange(model.config.num_items), model.model.active_modalities)[0].mean(1)
+    assert before != model.recommend(HISTORIES, top_k=5, processor=proc)
+    torch.testing.assert_close(model.model.item_representations(), expected)
+
