@@ -226,7 +226,9 @@ class SpeederPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         local = Path(pretrained_model_name_or_path) if pretrained_model_name_or_path is not None else None
         config_file = local / "config.json" if local is not None else None
-        if kwargs.get("config") is None and local is not None and local.is_dir():
+        # Also when AutoModel passes the config it already loaded: one without text_config would build a default
+        # backbone and fail after a long table of mismatched weights.
+        if local is not None and local.is_dir():
             if not config_file.exists():
                 raise OSError(f"{str(pretrained_model_name_or_path)!r} is not a Speeder checkpoint: it has no config.json")
             import json

@@ -67,6 +67,8 @@ def test_a_folder_that_is_not_a_speeder_checkpoint_fails_before_allocating(tmp_p
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no text_config"):
         SpeederForSequentialRecommendation.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="no text_config"):  # AutoModel passes the config it loaded itself
+        AutoModel.from_pretrained(ckpt)
 
 
 def test_top_k_beyond_the_unseen_catalog_returns_fewer_items():
