@@ -406,6 +406,19 @@ def _k_core(rows: list[tuple[str, str, float, int]], k: int):
         rows = kept
 
 
+def _numbered_lines(path: Path, lines):
+    """(line number, line) of an open file, a truncated or damaged gzip stream reported with the file and line."""
+    import gzip
+    import zlib
+
+    line_no = 0
+    try:
+        for line_no, line in enumerate(lines, start=1):
+            yield line_no, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}, after line {line_no}: the compressed file is truncated or damaged ({err})") from None
+
+
 def _read_jsonl(path: Path, required: tuple[str, ...]):
     """(line number, object) for each non-empty line of a JSONL file (gzip-compressed too, as Amazon ships them), with
     clear errors for bad JSON, bad encoding and missing fields."""
@@ -414,7 +427,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
     with open(path, "rb") as probe:
         compressed = probe.read(2) == b"\x1f\x8b"
     with (gzip.open(path, "rb") if compressed else open(path, "rb")) as lines:  # bytes: decode errors get a line
-        for line_no, raw in enumerate(lines, start=1):
+        for line_no, raw in _numbered_lines(path, lines):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -526,36 +539,49 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
         if not rows:
             raise ValueError(f"{interactions} has no line 'user{delimiter}item item ...'")
         return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
-    with open(interactions, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise ValueError(f"{interactions} is empty: expected a header line with {user_column!r} and {item_column!r}")
-        missing = [c for c in (user_column, item_column) if c not in reader.fieldnames]
-        if missing:
-            raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames}; delimiter "
-                             f"{delimiter!r}): name the columns with --user-column / --item-column, or set --delimiter")
-        if time_column is not None and time_column not in reader.fieldnames:
-            raise ValueError(f"{interactions} has no {time_column!r} column (columns: {reader.fieldnames}): name the "
-                             "time column with --time-column, or leave it out to keep the file's order")
-        time_column = time_column or ("timestamp" if "timestamp" in reader.fieldnames else None)
-        timed = time_column is not None
-        rows = []
-        for line_no, r in enumerate(reader, start=2):
-            if not r.get(user_column) or not r.get(item_column):
-                raise ValueError(f"{interactions}, line {line_no}: empty {user_column!r} or {item_column!r}")
-            when = 0.0
-            if timed:
-                try:
-                    when = float(r[time_column])
-                    if not math.isfinite(when):
-                        raise ValueError
-                except (TypeError, ValueError):
-                    raise ValueError(f"{interactions}, line {line_no}: {time_column!r} is {r[time_column]!r}, expected a "
-                                     "finite number") from None
-            rows.append((when, r[user_column], r[item_column]))
+    with open(interactions, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of a column
+        try:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            if not reader.fieldnames:
+                raise ValueError(f"{interactions} is empty: expected a header line with {user_column!r} and {item_column!r}")
+            missing = [c for c in (user_column, item_column) if c not in reader.fieldnames]
+            if missing:
+                raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames}; delimiter "
+                                 f"{delimiter!r}): name the columns with --user-column / --item-column, or set --delimiter")
+            if time_column is not None and time_column not in reader.fieldnames:
+                raise ValueError(f"{interactions} has no {time_column!r} column (columns: {reader.fieldnames}): name the "
+                                 "time column with --time-column, or leave it out to keep the file's order")
+            time_column = time_column or ("timestamp" if "timestamp" in reader.fieldnames else None)
+            timed = time_column is not None
+            rows = []
+            for line_no, r in enumerate(reader, start=2):
+                if not r.get(user_column) or not r.get(item_column):
+                    raise ValueError(f"{interactions}, line {line_no}: empty {user_column!r} or {item_column!r}")
+                when = 0.0
+                if timed:
+                    try:
+                        when = float(r[time_column])
+                        if not math.isfinite(when):
+                            raise ValueError
+                    except (TypeError, ValueError):
+                        raise ValueError(f"{interactions}, line {line_no}: {time_column!r} is {r[time_column]!r}, expected a "
+                                         "finite number") from None
+                rows.append((when, r[user_column], r[item_column]))
+        except UnicodeDecodeError as err:  # names the file and line where Python's message names neither
+            with open(interactions, "rb") as raw:  # text is decoded in blocks: find the line again, on this path only
+                line_no = next((n for n, line in enumerate(raw, start=1) if not _decodes(line)), "?")
+            raise ValueError(f"{interactions}, line {line_no}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
     if not rows:
         raise ValueError(f"{interactions} has a header but no interactions")
     return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
+
+
+def _decodes(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, summary, **split_kwargs):
@@ -570,7 +596,7 @@ def _csv_splits(rows, items, item_column, delimiter, interacted_items_only, inte
     titles, texts, images, ids = {}, {}, {}, sorted(interacted)
     summary.append(filter_step(f"interactions read from {Path(interactions).name}", sequences, catalog=len(ids)))
     if items is not None:
-        with open(items, newline="", encoding="utf-8") as f:
+        with open(items, newline="", encoding="utf-8-sig") as f:
             table = list(csv.DictReader(f, delimiter=delimiter))
         if not table or item_column not in table[0]:
             raise ValueError(f"{items} has no {item_column!r} column")

@@ -15,6 +15,8 @@ def _number(kind, low, low_inclusive=True, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low or (value == low and not low_inclusive) or (high is not None and value >= high):
             bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text!r}")
@@ -178,6 +180,13 @@ def convert(args):
 
     from .conversion import datasets as ds
 
+    needs = {"recbole": ("input",), "unisrec": ("input", "name"), "s3rec": ("input", "name"), "lcrec": ("input", "name"),
+             "amazon2023": ("input", "meta"), "csv": ("input",)}.get(args.format, ())
+    missing = [f"--{flag}" for flag in needs if not getattr(args, flag)]
+    if missing:
+        raise ValueError(f"--format {args.format} needs {' and '.join(missing)}")
+    if not args.delimiter:
+        raise ValueError("--delimiter is empty: expected one character, such as , or \\t")
     start = time.perf_counter()
     summary = []  # each filter step's kept and dropped users, items and interactions (stats.json "filters")
     split = dict(num_negatives=args.negatives, seed=args.seed, summary=summary)
@@ -472,8 +481,16 @@ def _card(args):
 
     from .conversion.hub import render_model_card
 
-    report = json.loads(Path(args.report).read_text()) if args.report else None
-    stats = json.loads(Path(args.dataset_stats).read_text()) if args.dataset_stats else None
+    def read_object(flag: str, path: str | None) -> dict | None:
+        if path is None:
+            return None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(value, dict):
+            raise ValueError(f"--{flag} {path}: expected a JSON object (a report.json or stats.json), got a "
+                             f"{type(value).__name__}")
+        return value
+
+    report, stats = read_object("report", args.report), read_object("dataset-stats", args.dataset_stats)
     return render_model_card(args.model, args.repo, report, dataset_name=args.dataset_name, dataset_stats=stats,
                              license=args.license)
 

@@ -394,3 +394,35 @@ def test_recommend_refuses_malformed_histories_sizes_and_non_finite_scores():
         model.query_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="scored NaN or \\+inf for histories 0..2"):
         model.recommend(HISTORIES, processor=processor)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "--format", "unisrec", "--input", "x", "--output", "o"], "--format unisrec needs --name"),
+    (["convert", "--format", "csv", "--output", "o"], "--format csv needs --input"),
+    (["convert", "--format", "amazon2023", "--input", "r.jsonl", "--output", "o"], "--format amazon2023 needs --meta"),
+    (["convert", "--format", "csv", "--input", "i.csv", "--delimiter", "", "--output", "o"], "--delimiter is empty"),
+])
+def test_convert_says_which_argument_a_format_needs(argv, message, capsys):
+    from modeling_speeder.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_infinite_numbers_are_refused_on_the_command_line(capsys):
+    from modeling_speeder.cli import run as cli
+
+    with pytest.raises(SystemExit):
+        cli(["demo", "--epochs", "inf"])
+    assert "--epochs: expected a finite number, got 'inf'" in capsys.readouterr().err
+
+
+def test_a_card_report_that_is_not_a_json_object_is_one_line(tmp_path, capsys):
+    from modeling_speeder.cli import main
+
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.json").write_text("[1, 2]")
+    assert main(["card", "--model", str(tmp_path / "m"), "--repo", "org/x", "--report", str(tmp_path / "r.json")]) == 2
+    assert "expected a JSON object (a report.json or stats.json), got a list" in capsys.readouterr().err

@@ -455,3 +455,19 @@ def test_a_mistyped_time_column_a_nan_time_and_zero_negatives_are_refused(tmp_pa
         convert_csv(tmp_path / "nan.csv")
     with pytest.raises(ValueError, match="num_negatives must be a positive integer.*got 0"):
         leave_one_out({"u1": ["a", "b", "c", "d"]}, ["a", "b", "c", "d", "e"], num_negatives=0)
+
+
+def test_a_bom_converts_and_bad_bytes_or_a_truncated_gzip_name_the_file_and_line(tmp_path):
+    import gzip
+
+    rows = "".join(f"u{u},i{u + j},{j}\n" for u in range(4) for j in range(5))
+    (tmp_path / "bom.csv").write_text("\ufeffuser_id,item_id,timestamp\n" + rows, encoding="utf-8")
+    splits, _ = convert_csv(tmp_path / "bom.csv", num_negatives=2)
+    assert len(splits["test"]) == 4
+    (tmp_path / "latin.csv").write_bytes(b"user_id,item_id,timestamp\nu1,caf\xe9,1\n")
+    with pytest.raises(ValueError, match="latin.csv, line 2: not UTF-8 text"):
+        convert_csv(tmp_path / "latin.csv")
+    data = gzip.compress(b"".join(b'{"user_id": "u%d", "parent_asin": "a", "timestamp": 1}\n' % i for i in range(500)))
+    (tmp_path / "r.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="r.jsonl.gz, after line .*: the compressed file is truncated"):
+        convert_amazon2023(tmp_path / "r.jsonl.gz", tmp_path / "r.jsonl.gz")
