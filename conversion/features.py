@@ -152,21 +152,36 @@ def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES,
 def load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, budget: FetchBudget | None = None):
     """A PIL image from a local path, raw bytes or an http(s) URL (bounded by `fetch_url`, and by the run's
     `budget`); None when it cannot be read, with the reason logged."""
+    return _load_image(ref, timeout, max_bytes, budget)[0]
+
+
+def _is_transient(error: Exception) -> bool:
+    """A failure a later run may not meet: a server error, rate limiting, a timeout or a dropped connection (not a
+    missing image, one too large, or bytes that are not an image)."""
+    import urllib.error
+
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code >= 500 or error.code in (408, 429)
+    return isinstance(error, (urllib.error.URLError, TimeoutError, ConnectionError))
+
+
+def _load_image(ref, timeout: float = 10.0, max_bytes: int = MAX_IMAGE_BYTES, budget: FetchBudget | None = None):
+    """(PIL image or None, whether the failure was transient)."""
     from PIL import Image
 
     try:
         if ref is None or ref == "":
-            return None
+            return None, False
         if isinstance(ref, (bytes, bytearray)):
             data = io.BytesIO(ref)
         elif str(ref).startswith(("http://", "https://")):
             data = io.BytesIO(fetch_url(str(ref), timeout, max_bytes, budget))
         else:
             data = str(ref)
-        return Image.open(data).convert("RGB")
+        return Image.open(data).convert("RGB"), False
     except Exception as err:  # unreadable images become absent, with the reason logged
         logger.warning("image %r unreadable: %s", str(ref)[:100], err)
-        return None
+        return None, _is_transient(err)
 
 
 @torch.inference_mode()
@@ -210,7 +225,9 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
 
     def encode(start, end):
         nonlocal width, unreadable
-        loaded = [load_image(ref, budget=budget) for ref in images[start:end]]
+        loaded, transient = zip(*(_load_image(ref, budget=budget) for ref in images[start:end]))
+        # A batch with a temporary failure (a 503, a timeout) is not cached, so a rerun tries those images again.
+        cacheable = not budget.exhausted() and not any(transient)
         unreadable += sum(img is None and ref not in (None, "") for img, ref in zip(loaded, images[start:end]))
         present = torch.tensor([img is not None for img in loaded])
         if not present.any():
@@ -219,13 +236,13 @@ def encode_images_with(images: Sequence, model, processor, batch_size: int = 32,
 
                 blank = processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
                 width = _image_embedding(model, blank["pixel_values"]).shape[-1]
-            return torch.zeros(end - start, width), present, not budget.exhausted()
+            return torch.zeros(end - start, width), present, cacheable
         pixels = processor(images=[img for img in loaded if img is not None], return_tensors="pt")["pixel_values"]
         emb = _image_embedding(model, pixels)
         width = emb.shape[-1]
         x = torch.zeros(end - start, width)
         x[present] = emb.float()
-        return x, present, not budget.exhausted()
+        return x, present, cacheable
 
     result = run_in_batches(len(images), batch_size, encode, cache_dir, desc="image features")
     if unreadable:  # counted over the batches encoded in this run (cached batches were counted when encoded)

@@ -471,3 +471,49 @@ def test_a_bom_converts_and_bad_bytes_or_a_truncated_gzip_name_the_file_and_line
     (tmp_path / "r.jsonl.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="r.jsonl.gz, after line .*: the compressed file is truncated"):
         convert_amazon2023(tmp_path / "r.jsonl.gz", tmp_path / "r.jsonl.gz")
+
+
+def test_an_image_that_failed_with_a_server_error_is_fetched_again_on_the_next_run(tmp_path):
+    """A 503 used to be cached as an absent image for good; a 404 is permanent and stays cached."""
+    import http.server
+    import io
+    import threading
+
+    from PIL import Image
+
+    from modeling_speeder.conversion.features import encode_images
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(png, format="PNG")
+    calls = {"/flaky.png": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/flaky.png":
+                calls[self.path] += 1
+                if calls[self.path] == 1:
+                    self.send_error(503)
+                    return
+            if self.path == "/gone.png":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png.getvalue())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        make_tiny_clip(tmp_path / "clip")
+        refs = [base + "/flaky.png", base + "/ok.png", base + "/gone.png", base + "/ok.png"]
+        _, first = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
+        assert first.tolist() == [False, True, False, True]
+        assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 1  # the 404 batch only
+        _, second = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
+        assert second.tolist() == [True, True, False, True] and calls["/flaky.png"] == 2
+    finally:
+        server.shutdown()
