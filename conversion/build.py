@@ -114,9 +114,7 @@ def save_checkpoint(model: SpeederForSequentialRecommendation, processor: Speede
     """Save model and processor as one folder that replaces `output` in one step (a reader finds the old checkpoint or
     the new one, never a model of one catalog beside a processor of another); files of `carry_from` that neither
     writes (a model card, a report) are carried over."""
-    import shutil
-
-    from ..atomic_files import folder_written_atomically
+    from ..atomic_files import copy_entry, folder_written_atomically
 
     with folder_written_atomically(output) as tmp:
         model.save_pretrained(tmp)
@@ -124,7 +122,7 @@ def save_checkpoint(model: SpeederForSequentialRecommendation, processor: Speede
         source = Path(carry_from) if carry_from is not None else None
         for old_file in source.iterdir() if source is not None and source.is_dir() else []:
             if not (tmp / old_file.name).exists() and not old_file.name.startswith("."):
-                (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+                copy_entry(old_file, tmp / old_file.name)
 
 
 def shrink_backbone(model: PreTrainedModel, tokenizer, texts: Sequence[str], num_layers: int | None = None):

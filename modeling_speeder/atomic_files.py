@@ -47,7 +47,8 @@ def replace_directory(new: Path, final: Path):
     if final.exists() and not final.stat().st_mode & 0o200:
         raise PermissionError(f"{final} is read-only: not replacing it (make it writable to save there)")
     for path in new.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if not path.is_symlink():  # a link keeps pointing where it did; its target's mode is not ours to change
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     new.chmod(final.stat().st_mode & 0o7777 if final.exists() else 0o777 & ~umask)
     if not final.exists():
         new.rename(final)
@@ -91,12 +92,26 @@ def exclusive_writer(folder: Path):
         yield
 
 
+def copy_entry(source: Path, target: Path):
+    """Copy a file or folder with its metadata; a symbolic link stays a link (to the same place), not a copy."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        shutil.copytree(source, target, symlinks=True)
+    else:
+        shutil.copy2(source, target)
+
+
 @contextmanager
 def folder_written_atomically(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; when the block ends without error it replaces `final`
     (`replace_directory`), otherwise it is removed and `final` is untouched. Writers to one parent folder take turns
     (`exclusive_writer`)."""
     final = Path(final)
+    if final.exists() and (os.path.ismount(final) or final.resolve() == Path.cwd().resolve()):
+        what = "a mount point" if os.path.ismount(final) else "the current folder"
+        raise OSError(f"Cannot replace {final} as a whole ({what}), which an atomic save does: save into a folder "
+                      "inside it")
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_writer(final):
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.saving-", dir=final.parent))
@@ -108,5 +123,5 @@ def folder_written_atomically(final: str | os.PathLike) -> Iterator[Path]:
             raise
 
 
-__all__ = ["exclusive_writer", "folder_written_atomically", "replace_directory", "write_atomically",
+__all__ = ["copy_entry", "exclusive_writer", "folder_written_atomically", "replace_directory", "write_atomically",
            "write_text_atomically"]

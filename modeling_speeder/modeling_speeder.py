@@ -7,7 +7,6 @@ code: it imports only installed libraries and `.configuration_speeder`.
 """
 
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers.masking_utils import (
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 
-from .atomic_files import folder_written_atomically
+from .atomic_files import copy_entry, folder_written_atomically
 from .configuration_speeder import SpeederConfig
 from .recommendation import check_processor, recommend
 
@@ -284,7 +283,7 @@ class SpeederPreTrainedModel(PreTrainedModel):
             super().save_pretrained(tmp, *args, **kwargs)
             for old_file in final.iterdir() if final.exists() else []:
                 if not (tmp / old_file.name).exists() and not WEIGHTS_FILE.fullmatch(old_file.name):
-                    (shutil.copytree if old_file.is_dir() else shutil.copy2)(old_file, tmp / old_file.name)
+                    copy_entry(old_file, tmp / old_file.name)
 
     def _init_weights(self, module):
         if getattr(module, "zero_at_build", False):

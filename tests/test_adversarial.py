@@ -426,3 +426,17 @@ def test_a_card_report_that_is_not_a_json_object_is_one_line(tmp_path, capsys):
     (tmp_path / "r.json").write_text("[1, 2]")
     assert main(["card", "--model", str(tmp_path / "m"), "--repo", "org/x", "--report", str(tmp_path / "r.json")]) == 2
     assert "expected a JSON object (a report.json or stats.json), got a list" in capsys.readouterr().err
+
+
+def test_a_save_keeps_links_and_refuses_the_current_folder_with_a_clear_error(tmp_path, monkeypatch):
+    """A symbolic link inside a checkpoint became a copy of its target on the next save; saving to `.` failed with
+    'Device or resource busy'."""
+    model, processor = make_tiny("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "ckpt" / "notes.txt").symlink_to(tmp_path / "notes.txt")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "notes.txt").is_symlink() and (tmp_path / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path / "ckpt")
+    with pytest.raises(OSError, match="Cannot replace . as a whole .the current folder.*save into a folder inside it"):
+        model.save_pretrained(".")
