@@ -3,6 +3,7 @@
 Copied next to saved checkpoints as remote code: it imports only installed libraries.
 """
 
+import glob
 import hashlib
 import os
 import shutil
@@ -286,8 +287,18 @@ class SpeederProcessor(ProcessorMixin):
         every earlier file whole (the catalog lives in processor_config.json: a truncated one would lose it)."""
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, *args, **kwargs)
+        from filelock import FileLock
+
         target = os.path.abspath(save_directory)
         os.makedirs(target, exist_ok=True)
+        # The lock a model save to the same folder takes (`atomic_files.exclusive_writer`), so neither reverts the
+        # other's files; while it is held, folders that killed processor saves left behind are removed.
+        with FileLock(os.path.join(os.path.dirname(target), ".speeder-save.lock"), is_singleton=True):
+            for stale in glob.glob(os.path.join(glob.escape(target), ".processor-saving-*")):
+                shutil.rmtree(stale, ignore_errors=True)
+            return self._save_files_atomically(target, *args, **kwargs)
+
+    def _save_files_atomically(self, target: str, *args, **kwargs):
         tmp = tempfile.mkdtemp(prefix=".processor-saving-", dir=target)
         try:
             saved = super().save_pretrained(tmp, *args, **kwargs)

@@ -440,3 +440,34 @@ def test_a_save_keeps_links_and_refuses_the_current_folder_with_a_clear_error(tm
     monkeypatch.chdir(tmp_path / "ckpt")
     with pytest.raises(OSError, match="Cannot replace . as a whole .the current folder.*save into a folder inside it"):
         model.save_pretrained(".")
+
+
+def test_a_processor_save_waits_for_a_model_save_to_the_same_folder_and_clears_killed_saves(tmp_path):
+    """Processor and model saves racing on one checkpoint reverted each other's files; killed processor saves left
+    `.processor-saving-*` folders that no later save removed. Both now take the same lock."""
+    import subprocess
+    import sys
+    import threading
+
+    from transformers import AutoProcessor
+
+    model, processor = make_tiny("llama")
+    final = tmp_path / "ckpt"
+    model.save_pretrained(final)
+    (final / ".processor-saving-killed").mkdir()
+    holder = subprocess.Popen(  # another process in the middle of a model save: it holds the folder's save lock
+        [sys.executable, "-c", "import sys; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); sys.stdin.readline(); lock.release()", str(tmp_path / ".speeder-save.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        saving = threading.Thread(target=processor.save_pretrained, args=(final,))
+        saving.start()
+        saving.join(1.0)
+        assert saving.is_alive(), "the processor save must wait for the model save's lock"
+        assert not (final / "processor_config.json").exists()
+    finally:
+        holder.communicate("\n")
+    saving.join()
+    assert (final / "processor_config.json").exists() and not list(final.glob(".processor-saving-*"))
+    assert AutoProcessor.from_pretrained(final).item_ids == processor.item_ids
