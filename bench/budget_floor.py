@@ -1,5 +1,5 @@
 """How far below a demo's wall time could this machine go? The floor of the full-softmax SASRec baseline, from the
-catalog head's cost, and Speeder's measured epochs, against the 10-minute-per-dataset budget of issue 10.
+catalog head's cost, and Speeder's measured epochs, against a 10-minute-per-dataset budget.
 
     python bench/budget_floor.py OUTPUT.json DEMO_DIR [DEMO_DIR ...]
 

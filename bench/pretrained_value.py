@@ -1,4 +1,4 @@
-"""The value of a pretrained LLM backbone (issue: quality, item 6): Speeder on Amazon Scientific with SmolLM2-135M
+"""The value of a pretrained LLM backbone: Speeder on Amazon Scientific with SmolLM2-135M
 weights against the same architecture with random weights, the tiny random backbone and SASRec, every system trained
 by the default recipe (dense catalog head, SASRec `id` features, selected on validation, early stopping) and read
 once on test, overall and on cold items.

@@ -1,4 +1,4 @@
-"""Adversarial inputs (reliability issue): no code runs from a checkpoint unasked, pickles are refused, a folder that
+"""Adversarial inputs: no code runs from a checkpoint unasked, pickles are refused, a folder that
 is not a Speeder checkpoint fails before allocating anything, a diverged model never looks perfect, top_k and
 candidate arguments are validated."""
 

@@ -104,19 +104,15 @@ class SpeederConformance(ModelTesterMixin):
     def test_config(self):
         self.config_tester.run_common_tests()
 
-    @unittest.skip("by design: a folder holding only the backbone is refused by SpeederForSequentialRecommendation."
-                   "from_pretrained with a clear error (reliability issue, item 18), instead of loading with missing keys")
-    def test_correct_missing_keys(self):
-        pass
-
     @unittest.skip("a defect of the test in transformers 5.24: for a bool tensor (the feature bank's presence buffer) it "
                    "calls `state_dict()[key]` on the dict and raises TypeError. Save/load round trips of both classes are "
                    "checked by test_save_load and tests/test_model_contract.py")
     def test_torch_save_load(self):
         pass
 
-    @unittest.skip("by design: a checkpoint without its feature bank (the catalog) is refused on load (reliability "
-                   "issue, item 9); this test loads a weights file with every tensor removed and expects a warning")
+    @unittest.skip("by design: a checkpoint without its feature bank (the catalog) is refused on load with an error "
+                   "naming the missing tensors; this test loads a weights file with every tensor removed and expects a "
+                   "warning")
     def test_model_weights_reload_no_missing_tied_weights(self):
         pass
 
