@@ -71,8 +71,9 @@ class SequentialRecommendationPipeline(Pipeline):
         else:
             history = inputs
         for name, ids in (("history", history), ("candidates", candidates)):
-            if isinstance(ids, str) or (ids is not None and not isinstance(ids, Sequence)):
-                raise ValueError(f"A {name} is a list of item ids, got {ids!r}")
+            required = ids is not None or name == "history"
+            if isinstance(ids, str) or (required and not isinstance(ids, Sequence)):
+                raise ValueError(f"A {name} is a list of item ids, got {ids!r:.80}")
         return {"history": list(history), "candidates": None if candidates is None else list(candidates)}
 
     def _forward(self, model_inputs, top_k=10, exclude_history=True):

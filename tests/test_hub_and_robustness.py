@@ -1,6 +1,7 @@
 """Hub sharing (push intercepted offline), clean-environment loading, and robustness under bad input and faults."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -115,15 +116,18 @@ FUZZ_TOKENIZER = make_word_tokenizer(["a b c"])
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    catalog=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30),
-    histories=st.lists(st.lists(st.text(max_size=6), max_size=12), min_size=1, max_size=4),
-    candidates=st.one_of(st.none(), st.lists(st.lists(st.text(max_size=6), max_size=6), min_size=1, max_size=4)),
-    k=st.integers(1, 3), max_history=st.integers(1, 10),
-    prefix=st.text(max_size=20), bridge=st.text(max_size=20),
+    data=st.data(), catalog=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30),
+    k=st.integers(1, 3), max_history=st.integers(1, 10), prefix=st.text(max_size=20), bridge=st.text(max_size=20),
 )
-def test_processor_fuzz(catalog, histories, candidates, k, max_history, prefix, bridge):
-    """Random catalogs, histories, candidate sets and templates: a clear ValueError / KeyError or valid inputs in
-    which the placeholder count always equals (kept history items + candidates) x K."""
+def test_processor_fuzz(data, catalog, k, max_history, prefix, bridge):
+    """Random catalogs, histories, candidate sets and templates, the ids drawn mostly from the catalog (an id outside
+    it now and then): a clear ValueError / KeyError, or valid inputs in which the placeholder count always equals
+    (kept history items + candidates) x K."""
+    ids = st.sampled_from(catalog)
+    some_id = st.one_of(ids, ids, ids, ids, st.text(max_size=6))  # one draw in five may be unknown
+    histories = data.draw(st.lists(st.lists(some_id, max_size=12), min_size=1, max_size=4))
+    candidates = data.draw(st.one_of(st.none(), st.lists(st.lists(some_id, min_size=1, max_size=6),
+                                                         min_size=len(histories), max_size=len(histories))))
     try:
         processor = SpeederProcessor(FUZZ_TOKENIZER, item_ids=catalog, tokens_per_item=k, max_history=max_history,
                                      prompt_prefix=prefix, prompt_bridge=bridge)
@@ -139,6 +143,55 @@ def test_processor_fuzz(catalog, histories, candidates, k, max_history, prefix, 
         assert placeholders[b] == expected == item_tokens[b]
     assert (inputs["input_ids"][inputs["item_token_index"] >= 0] == processor.item_token_id).all()
     assert inputs["item_token_index"].max() < len(catalog) * k
+
+
+FUZZ_MODEL = {}
+
+
+def fuzz_model():
+    if not FUZZ_MODEL:
+        FUZZ_MODEL["model"], FUZZ_MODEL["processor"] = make_tiny("llama", catalog_item_bias=True)
+    return FUZZ_MODEL["model"], FUZZ_MODEL["processor"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_histories_of_catalog_ids_give_finite_rankings_without_history_items(data):
+    """The pipeline's contract on well-formed input: whatever histories of catalog ids (repeats, any length, longer
+    than max_history), every user gets finite scores, best first, and none of their history's items."""
+    from transformers import pipeline
+
+    model, processor = fuzz_model()
+    ids = st.sampled_from(processor.item_ids)
+    histories = data.draw(st.lists(st.lists(ids, min_size=1, max_size=15), min_size=1, max_size=5))
+    top_k = data.draw(st.integers(1, 45))
+    recommender = pipeline("sequential-recommendation", model=model, processor=processor)
+    results = recommender(histories, top_k=top_k, batch_size=data.draw(st.integers(1, 4)))
+    for history, result in zip(histories, results, strict=True):
+        assert not set(result["item_ids"]) & set(history)
+        assert len(result["item_ids"]) == min(top_k, processor.num_items - len(set(history)))
+        assert all(math.isfinite(x) for x in result["scores"]) and result["scores"] == sorted(result["scores"], reverse=True)
+
+
+MALFORMED = st.one_of(
+    st.none(), st.integers(), st.text(), st.just([]), st.lists(st.integers(), min_size=1, max_size=3),
+    st.lists(st.one_of(st.none(), st.integers(), st.floats()), min_size=1, max_size=3),
+    st.lists(st.lists(st.integers(), min_size=1), min_size=1, max_size=2),
+    st.dictionaries(st.text(max_size=8), st.integers(), max_size=2),
+    st.lists(st.text(min_size=7, max_size=12), min_size=1, max_size=3),  # ids that are not in the catalog
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(inputs=MALFORMED)
+def test_malformed_pipeline_input_is_one_value_error(inputs):
+    from transformers import pipeline
+
+    model, processor = fuzz_model()
+    recommender = pipeline("sequential-recommendation", model=model, processor=processor)
+    with pytest.raises(ValueError) as error:
+        recommender(inputs)
+    assert str(error.value) and "\n" not in str(error.value)
 
 
 def test_corrupt_and_truncated_weights(saved):
