@@ -143,11 +143,19 @@ def demo(args):
 
     splits, items, _, _ = load_canonical(output / "data")
     set_seed(args.seed)
-    sasrec, sasrec_model = recipes.sasrec_baseline(splits, items["item_id"], epochs=args.sasrec_epochs,
-                                                   eval_rows=args.eval_rows, seed=args.seed,
-                                                   selection_rows=selection_rows)
+    # Trained once per dataset and settings: a rerun loads it from outputs/.../sasrec (selection stays on validation).
+    from . import __version__
+
+    key = {"data": (output / "data" / "stats.json").read_text(encoding="utf-8"), "speeder": __version__,
+           "epochs": args.sasrec_epochs,
+           "seed": args.seed, "selection_rows": selection_rows, "eval_rows": args.eval_rows}
+    sasrec, sasrec_model, cached = recipes.cached_sasrec_baseline(
+        output / "sasrec", key, splits, items["item_id"], epochs=args.sasrec_epochs, eval_rows=args.eval_rows,
+        seed=args.seed, selection_rows=selection_rows)
     print(f"SASRec: best epoch {sasrec['training']['best_epoch']} of {len(sasrec['training']['epochs'])}, "
-          f"{sasrec['train_seconds']}s")
+          f"{sasrec['train_seconds']}s" + (f"; cached: loaded from {output / 'sasrec'}, trained by an earlier run with "
+                                          "the same data and settings (delete that folder to train it again)"
+                                          if cached else f"; kept in {output / 'sasrec'} for the next run"))
     print("[3/4] building a small Speeder and training it with transformers.Trainer through the MPO stages, "
           "selected on validation")
     set_seed(args.seed)

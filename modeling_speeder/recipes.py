@@ -528,6 +528,26 @@ def sasrec_baseline(splits, item_ids, epochs: int = 200, eval_rows=None, seed=0,
     return report, model
 
 
+def cached_sasrec_baseline(cache: Path, key: dict, splits, item_ids, **kwargs):
+    """`sasrec_baseline`, trained once per `key` (the data and settings it depends on) and kept in the folder `cache`
+    (weights, report and key, written atomically): a rerun with the same key loads it instead of training again.
+    Returns (report, model, cached)."""
+    from .atomic_files import folder_written_atomically
+    from .sasrec import SASRecModel
+
+    cache = Path(cache)
+    saved_key = cache / "cache_key.json"
+    if saved_key.exists() and json.loads(saved_key.read_text(encoding="utf-8")) == key:
+        report = json.loads((cache / "report.json").read_text(encoding="utf-8"))
+        return report, SASRecModel.from_pretrained(cache, use_safetensors=True).eval(), True
+    report, model = sasrec_baseline(splits, item_ids, **kwargs)
+    with folder_written_atomically(cache) as tmp:
+        model.save_pretrained(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, default=str) + "\n", encoding="utf-8")
+        (tmp / "cache_key.json").write_text(json.dumps(key) + "\n", encoding="utf-8")
+    return report, model, False
+
+
 def popularity_report(splits, item_ids, eval_rows=None) -> dict:
     """The popularity baseline (training-split counts) on both splits, same candidates and buckets."""
     index = {item: row for row, item in enumerate(item_ids)}

@@ -20,3 +20,19 @@ def test_sasrec_learns_and_round_trips(tmp_path):
     loaded = SASRecModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded.user_embeddings(histories), model.user_embeddings(histories))
     assert loaded.item_embeddings().shape == (30, 32)
+
+
+def test_the_demo_s_sasrec_is_trained_once_per_key_and_loaded_after(tmp_path):
+    from test_new_items import synthetic_splits
+
+    from modeling_speeder.recipes import cached_sasrec_baseline
+
+    splits, item_ids = synthetic_splits(users=30, items=40)
+    kwargs = dict(epochs=2, seed=0, hidden_size=16, num_layers=1, num_heads=1)
+    report, model, cached = cached_sasrec_baseline(tmp_path / "sasrec", {"data": "a"}, splits, item_ids, **kwargs)
+    assert not cached and (tmp_path / "sasrec" / "model.safetensors").exists()
+    again, loaded, cached = cached_sasrec_baseline(tmp_path / "sasrec", {"data": "a"}, splits, item_ids, **kwargs)
+    assert cached and again["test"] == report["test"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    _, _, cached = cached_sasrec_baseline(tmp_path / "sasrec", {"data": "b"}, splits, item_ids, **kwargs)
+    assert not cached
