@@ -1,5 +1,6 @@
 """Converters for S3Rec, LC-Rec, Amazon Reviews 2023 and CSV; feature extraction; `speeder build`."""
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -270,10 +271,23 @@ def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path):
     assert not (other / "old.txt").exists() and (other / "stats.json").exists()
 
 
+@contextlib.contextmanager
+def local_server(handler):
+    """An HTTP server on a free local port, serving `handler` from a thread; yields its base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def test_image_fetch_is_bounded_in_size_and_time():
     """A huge response or a slow-drip server marks the image absent instead of filling memory or holding the run."""
     import http.server
-    import threading
     import time
 
     from modeling_speeder.conversion.features import FetchBudget, fetch_url, load_image
@@ -297,10 +311,7 @@ def test_image_fetch_is_bounded_in_size_and_time():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with local_server(Handler) as base:
         with pytest.raises(ValueError, match="declares 524288000 bytes"):
             fetch_url(base + "/huge")
         with pytest.raises(ValueError, match="more than the limit of 1000 bytes"):
@@ -316,8 +327,6 @@ def test_image_fetch_is_bounded_in_size_and_time():
         assert budget.exhausted() and load_image(base + "/undeclared", budget=budget) is None
         with pytest.raises(TimeoutError, match="the run's image budget is spent"):
             fetch_url(base + "/undeclared", budget=budget)
-    finally:
-        server.shutdown()
 
 
 def test_csv_columns_delimiter_and_line_errors(tmp_path):
@@ -477,7 +486,6 @@ def test_an_image_that_failed_with_a_server_error_is_fetched_again_on_the_next_r
     """A 503 used to be cached as an absent image for good; a 404 is permanent and stays cached."""
     import http.server
     import io
-    import threading
 
     from PIL import Image
 
@@ -504,10 +512,7 @@ def test_an_image_that_failed_with_a_server_error_is_fetched_again_on_the_next_r
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with local_server(Handler) as base:
         make_tiny_clip(tmp_path / "clip")
         refs = [base + "/flaky.png", base + "/ok.png", base + "/gone.png", base + "/ok.png"]
         _, first = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
@@ -515,5 +520,3 @@ def test_an_image_that_failed_with_a_server_error_is_fetched_again_on_the_next_r
         assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 1  # the 404 batch only
         _, second = encode_images(refs, tmp_path / "clip", batch_size=2, cache_dir=tmp_path / "cache")
         assert second.tolist() == [True, True, False, True] and calls["/flaky.png"] == 2
-    finally:
-        server.shutdown()
