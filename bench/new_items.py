@@ -1,6 +1,7 @@
 """The new-item protocol: items no one interacted with before, recommended without retraining.
 
     python bench/new_items.py --dataset scientific [--share 0.1] [--seed 0] [--output DIR] [--json FILE]
+                              [--overrides '{"catalog_id_dropout": 0.5, "train": {...}}']
 
 A seeded 10% of the catalog is held out of training entirely (`conversion.datasets.hold_out_items`: removed from
 every training sequence and target; no feature of theirs is fitted: the SASRec that makes Speeder's `id` features
@@ -12,7 +13,9 @@ whose rows for the new items keep their initial values (an ID model has nothing 
 (training counts: a new item has none); and content kNN (the cosine between a candidate's frozen text/image features
 and the mean of the user's most recent history items', the number of items selected on validation), the standard
 cold-start baseline. Each is scored on the 20 stored candidates and on the whole catalog (history excluded).
-Standard errors are binomial, for the hit rates. Prints a markdown table, writes JSON atomically.
+Speeder's validation new-item and known-item figures are reported too (validation users whose target is held out:
+also never trained on), to choose settings by. `--overrides`: SpeederConfig fields, and "train": recipes.train
+arguments. Standard errors are binomial, for the hit rates. Prints a markdown table, writes JSON atomically.
 """
 
 import argparse
@@ -57,7 +60,11 @@ def main():
     parser.add_argument("--epochs", type=float, default=40, help="most Speeder epochs (early stopping ends sooner)")
     parser.add_argument("--output", default=None, help="work folder (default: outputs/new-items/<dataset>)")
     parser.add_argument("--json", default=None, help="results file (default: bench/results/new_items_<dataset>.json)")
+    parser.add_argument("--bias-quantiles", type=float, nargs="*", default=[],
+                        help="also score validation with the new items' bias at these quantiles of the trained ones")
+    parser.add_argument("--overrides", type=json.loads, default={}, help="SpeederConfig fields; 'train': train arguments")
     args = parser.parse_args()
+    import torch
     from transformers import set_seed
 
     from modeling_speeder import recipes, register
@@ -79,7 +86,7 @@ def main():
     if not (output / "data" / "stats.json").exists():
         recipes.prepare_dataset(args.dataset, output / "data")
     splits, items, features, presence = load_canonical(output / "data")
-    known_splits, known_ids, held_ids, test = hold_out_items(splits, items["item_id"], args.share, args.seed)
+    known_splits, known_ids, held_ids, protocol = hold_out_items(splits, items["item_id"], args.share, args.seed)
     row = {item: r for r, item in enumerate(items["item_id"])}
     known_rows, held_rows = [row[i] for i in known_ids], [row[i] for i in held_ids]
     write_canonical(output / "data-known", known_splits, items.select(known_rows).to_dict(),
@@ -90,11 +97,15 @@ def main():
     set_seed(args.seed)
     sasrec_report, sasrec = recipes.sasrec_baseline(known_splits, known_ids, seed=args.seed, selection_rows=selection_rows)
     set_seed(args.seed)
-    model, processor, _ = recipes.build_for_dataset(output / "data-known", max_history=50, sasrec=sasrec, seed=args.seed)
+    overrides = dict(args.overrides)
+    train_overrides = overrides.pop("train", {})
+    model, processor, _ = recipes.build_for_dataset(output / "data-known", max_history=50, sasrec=sasrec, seed=args.seed,
+                                                    **overrides)
     speeder_report = recipes.train(
-        model, processor, known_splits, output / "speeder", epochs=args.epochs, seed=args.seed,
-        selection_rows=selection_rows, teacher=sasrec, distillation_weight=recipes.DISTILLATION_WEIGHT,
-        distillation_min_count=recipes.DISTILLATION_MIN_COUNT, report_splits=("validation",))
+        model, processor, known_splits, output / "speeder", **{
+            "epochs": args.epochs, "seed": args.seed, "selection_rows": selection_rows, "teacher": sasrec,
+            "distillation_weight": recipes.DISTILLATION_WEIGHT, "distillation_min_count": recipes.DISTILLATION_MIN_COUNT,
+            "report_splits": ("validation",), **train_overrides})
     add_items(model, processor, held_ids, {m: x[held_rows] for m, x in features.items()},
               {m: p[held_rows] for m, p in presence.items()})
 
@@ -111,8 +122,26 @@ def main():
     knn_last = max(knn_selection, key=knn_selection.get)
     full_sasrec = sasrec_with_new_rows(sasrec, len(catalog))
     held = set(held_ids)
-    sets = {"new items": test.filter(lambda r: r["target"] in held),
-            "known items": test.filter(lambda r: r["target"] not in held)}
+    split_sets = {split: {"new items": protocol[split].filter(lambda r: r["target"] in held),
+                          "known items": protocol[split].filter(lambda r: r["target"] not in held)}
+                  for split in ("validation", "test")}
+    speeder_validation = {name: {k: v for k, v in recipes.evaluate_split(model, processor, data, counts).items()
+                         if isinstance(v, float)} for name, data in split_sets["validation"].items()}
+    # What the new items' per-item bias should be (add_items gives the median of the trained ones): validation only.
+    bias_validation = {}
+    if args.bias_quantiles and model.catalog_item_bias is not None:
+        trained = model.catalog_item_bias.weight[: len(known_ids), 0].detach().clone()
+        median = model.catalog_item_bias.weight[len(known_ids) :, 0].detach().clone()
+        for q in args.bias_quantiles:
+            with torch.no_grad():
+                model.catalog_item_bias.weight[len(known_ids) :, 0] = trained.quantile(q)
+            bias_validation[q] = {name: {k: v for k, v in recipes.evaluate_split(model, processor, data, counts).items()
+                                         if k in ("hr@1", "ndcg@10", "full_hr@10", "full_ndcg@10")}
+                                  for name, data in split_sets["validation"].items()}
+            print(f"new-item bias at quantile {q}: validation {json.dumps(bias_validation[q])}")
+        with torch.no_grad():
+            model.catalog_item_bias.weight[len(known_ids) :, 0] = median
+    sets = split_sets["test"]
     results = {}
     for set_name, data in sets.items():  # the test split, read once per system
         histories, targets, candidates = as_rows(data)
@@ -124,7 +153,9 @@ def main():
                                                                    knn_last),
         }
     summary = {
-        "dataset": args.dataset, "share": args.share, "seed": args.seed, "held_out_items": len(held_ids),
+        "dataset": args.dataset, "share": args.share, "seed": args.seed, "overrides": args.overrides,
+        "held_out_items": len(held_ids), "speeder_validation": speeder_validation,
+        "new_item_bias_validation": bias_validation,
         "catalog_items": len(catalog), "users": {k: len(v) for k, v in sets.items()},
         "knn_validation_full_ndcg@10": knn_selection, "knn_last": knn_last,
         "sasrec_training": sasrec_report["training"], "sasrec_train_seconds": sasrec_report["train_seconds"],
@@ -146,6 +177,9 @@ def main():
             cells = [f"{report[key]:.4f}" + (f" +- {standard_error(report[key], n):.4f}" if key.endswith(("hr@1", "hr@10"))
                                              else "") for _, key in COLUMNS]
             print(f"| {system} | " + " | ".join(cells) + " |")
+    for set_name, metrics in speeder_validation.items():
+        print(f"Speeder, validation {set_name} ({len(split_sets['validation'][set_name])} users): "
+              + ", ".join(f"{name} {metrics[key]:.4f}" for name, key in COLUMNS))
     print(f"\n{summary['seconds']} s; JSON in {path}")
 
 

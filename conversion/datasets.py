@@ -110,11 +110,12 @@ def hold_out_items(splits: DatasetDict, item_ids: Sequence[str], share: float = 
     """The new-item protocol: a seeded `share` of the catalog is held out of training entirely, to be added to the
     trained model afterwards (`conversion.build.add_items`) and scored from content alone.
 
-    Returns (known_splits, known_ids, held_ids, test): `known_splits` are leave-one-out splits of every user's sequence
-    with the held-out items removed, over the catalog `known_ids` (train on them, select on their validation split;
-    their own test split is not the protocol's); `test` is the original test split, histories without held-out items
-    (a user whose history is left empty is dropped), targets and stored candidates unchanged: its users whose target
-    is in `held_ids` form the new-item set. No held-out item is a target or a history item of any known row, and no
+    Returns (known_splits, known_ids, held_ids, protocol): `known_splits` are leave-one-out splits of every user's
+    sequence with the held-out items removed, over the catalog `known_ids` (train on them, select on their validation
+    split; their own test split is not the protocol's); `protocol` holds the original validation and test splits,
+    histories without held-out items (a user whose history is left empty is dropped), targets and stored candidates
+    unchanged: their users whose target is in `held_ids` form the new-item sets (validation, to choose settings by;
+    test, read once). No held-out item is a target or a history item of any known row, and no
     original validation or test target is a training target (the known rows end where each user's sequence ends)."""
     if not 0 < share < 1:
         raise ValueError(f"share must be in (0, 1), got {share}")
@@ -125,9 +126,9 @@ def hold_out_items(splits: DatasetDict, item_ids: Sequence[str], share: float = 
                  for user, history, target in zip(splits["test"]["user_id"], splits["test"]["history"],
                                                   splits["test"]["target"])}
     known_splits = leave_one_out(sequences, known_ids, num_negatives=num_negatives, seed=seed)
-    test = splits["test"].map(lambda row: {"history": [i for i in row["history"] if i not in held]})
-    test = test.filter(lambda row: len(row["history"]) > 0)
-    return known_splits, known_ids, [i for i in item_ids if i in held], test
+    protocol = DatasetDict({split: splits[split].map(lambda row: {"history": [i for i in row["history"] if i not in held]})
+                            .filter(lambda row: len(row["history"]) > 0) for split in ("validation", "test")})
+    return known_splits, known_ids, [i for i in item_ids if i in held], protocol
 
 
 # What write_canonical and `speeder features` put in a dataset folder: the only names a replaced folder may hold.

@@ -57,6 +57,9 @@ def _modality_dropout(text: str) -> dict[str, float]:
 
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
 SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
+CATALOG_ID_DROPOUT = 0.3  # recipes.CATALOG_ID_DROPOUT
+CATALOG_ID_DROPOUT_HELP = ("share of the catalog head's item vectors computed without their id modality while training, "
+                           "as an item added later (speeder add-items) is scored")
 DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
 EARLY_STOPPING_THRESHOLD = 0.001  # recipes.EARLY_STOPPING_THRESHOLD
 CATALOG_NEGATIVES_HELP = ("catalog head: sampled softmax over the batch's positives plus this many drawn items (logQ-"
@@ -283,6 +286,7 @@ def build(args):
         backbone, tokenizer, items["item_id"], feats, presence,
         learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
         expert_hidden_size=args.expert_hidden_size, seed=args.seed, item_dropout=args.item_dropout,
+        catalog_id_dropout=args.catalog_id_dropout,
         catalog_item_bias=not args.no_item_bias,
     )
     model.save_pretrained(args.output)
@@ -383,6 +387,7 @@ def train_command(args):
             tokens_per_item=args.tokens_per_item, max_history=args.max_history, expert_hidden_size=args.expert_hidden_size,
             use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
             catalog_loss_weight=args.catalog_loss_weight, seed=args.seed, item_dropout=args.item_dropout,
+            catalog_id_dropout=args.catalog_id_dropout,
             catalog_item_bias=not args.no_item_bias,
         )
     if args.attn_implementation:
@@ -611,6 +616,7 @@ def build_parser():
     p.add_argument("--expert-hidden-size", type=POSITIVE_INT, default=256, help="hidden width of each modality expert")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds the new weights; stored in the config as build_seed")
     p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--catalog-id-dropout", type=DROPOUT, default=CATALOG_ID_DROPOUT, help=CATALOG_ID_DROPOUT_HELP)
     p.add_argument("--no-item-bias", action="store_true", help="no per-item bias on catalog-head scores")
     p.set_defaults(run=build)
     p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
@@ -648,6 +654,7 @@ def build_parser():
     p.add_argument("--catalog-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.0,
                    help="with --head candidate: weight of a joint full-catalog loss")
     p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
+    p.add_argument("--catalog-id-dropout", type=DROPOUT, default=CATALOG_ID_DROPOUT, help=CATALOG_ID_DROPOUT_HELP)
     p.add_argument("--no-item-bias", action="store_true", help="ablation: no per-item bias on catalog-head scores")
     p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate", "dense+candidate"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")

@@ -55,6 +55,9 @@ class SpeederConfig(PreTrainedConfig):
     expert_hidden_size: int = 256  # hidden width h of each modality expert MLP
     item_token_rms: float | None = None  # target RMS of item tokens; None = the backbone's initializer_range
     item_dropout: float = 0.0  # dropout on the item tokens of the prompt while training (SASRec's embedding dropout)
+    # Share of the catalog head's item vectors computed without their `id` modality while training, so that the head
+    # also learns to score an item from its content alone, as it must for an item added after training (add_items).
+    catalog_id_dropout: float = 0.0
     catalog_fingerprint: str | None = None  # hash of the processor's item ids, to catch a mismatched catalog
     # --- SPAE ---
     max_history: int = 20  # most recent items kept; recency index r = 0 (last) .. max_history - 1
@@ -93,8 +96,9 @@ class SpeederConfig(PreTrainedConfig):
             raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
         if self.tokens_per_item < 1:
             raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
-        if not 0.0 <= self.item_dropout < 1.0:
-            raise ValueError(f"item_dropout must be in [0, 1), got {self.item_dropout}")
+        for name in ("item_dropout", "catalog_id_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
         if self.speeder_format_version > 1:

@@ -182,10 +182,11 @@ class SpeederModalityExperts(nn.Module):
             return self.id_embedding(rows)
         return getattr(self, f"features_{modality}")[rows]
 
-    def forward(self, rows: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows: (n,) catalog indices; active: (n, M) or (M,) bool, the modalities MPO lets through.
+    def forward(self, rows: torch.Tensor, active: torch.Tensor, hidden: torch.Tensor | None = None):
+        """rows: (n,) catalog indices; active: (n, M) or (M,) bool, the modalities MPO lets through; hidden: (n, M)
+        bool, modalities treated as absent for these rows (as for an item that has no such features).
         Returns tokens (n, K, H) and gate weights (n, M)."""
-        present = self.presence[rows]  # (n, M)
+        present = self.presence[rows] if hidden is None else self.presence[rows] & ~hidden  # (n, M)
         normed = [
             self.experts[m][0](self.features(m, rows)) * present[:, j, None] for j, m in enumerate(self.modalities)
         ]  # M x (n, d_m); absent features are zeroed so they cannot leak through the gate
@@ -498,7 +499,14 @@ class SpeederModel(SpeederPreTrainedModel):
         if not self.training and self.item_cache_is_current():
             return self._item_repr_cache if item_rows is None else self._item_repr_cache[item_rows]
         rows = torch.arange(self.config.num_items, device=self.device) if item_rows is None else item_rows.flatten()
-        vectors = self.mrc(rows, self.active_modalities)[0].mean(1)  # (rows, H)
+        hidden = None
+        if self.training and self.config.catalog_id_dropout and "id" in self.mrc.modalities:
+            # Some items scored as a new item is, from their content with no `id`, so the head learns to score those.
+            j = self.mrc.modalities.index("id")
+            has_content = self.mrc.presence[rows][:, [i for i in range(len(self.mrc.modalities)) if i != j]].any(-1)
+            hidden = torch.zeros(len(rows), len(self.mrc.modalities), dtype=torch.bool, device=rows.device)
+            hidden[:, j] = has_content & (torch.rand(len(rows), device=rows.device) < self.config.catalog_id_dropout)
+        vectors = self.mrc(rows, self.active_modalities, hidden)[0].mean(1)  # (rows, H)
         return vectors if item_rows is None else vectors.view(*item_rows.shape, -1)
 
     # ----- prompt embedding and masks -----

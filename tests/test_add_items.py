@@ -132,3 +132,29 @@ def test_the_add_items_command_extends_a_checkpoint_and_refuses_bad_input_withou
     assert "lamp" in {i for r in loaded.recommend(HISTORIES, top_k=NUM_ITEMS + 2) for i in r["item_ids"]}
     with pytest.raises(ValueError, match=r"already in the catalog or repeated: \['lamp', 'pen'\]"):
         run(["add-items", "--model", str(tmp_path / "ckpt"), "--items", str(items), "--text-encoder", encoder])
+
+
+def test_catalog_id_dropout_scores_some_items_as_new_items_while_training_only():
+    """With catalog_id_dropout, the catalog head's item vectors are computed, for a share of items, as a new item's
+    are (no `id`, the gate not reading it); never for an item whose only modality is `id`, and never at inference."""
+    model, _ = make_tiny("llama")
+    model.config.catalog_id_dropout = 0.999
+    rows = torch.arange(NUM_ITEMS)
+    j = model.mrc.modalities.index("id")
+    with torch.no_grad():
+        model.mrc.presence[0] = False
+        model.mrc.presence[0, j] = True  # item 0 has only its id
+        hidden = torch.zeros(NUM_ITEMS, len(model.mrc.modalities), dtype=torch.bool)
+        hidden[1:, j] = True
+        as_new = model.mrc(rows, model.model.active_modalities, hidden)[0].mean(1)
+        with_id = model.mrc(rows, model.model.active_modalities)[0].mean(1)
+        model.train()
+        torch.manual_seed(0)
+        training = model.model.item_representations()
+        model.eval()
+        inference = model.model.item_representations()
+    assert (training[1:] - as_new[1:]).abs().max() < 1e-6 and not torch.allclose(as_new[1:], with_id[1:])
+    torch.testing.assert_close(training[0], with_id[0])
+    torch.testing.assert_close(inference, with_id)
+    with pytest.raises(ValueError, match="catalog_id_dropout must be in"):
+        make_tiny("llama", catalog_id_dropout=1.0)

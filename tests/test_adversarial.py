@@ -327,6 +327,7 @@ def test_cli_default_negatives_is_the_protocol_constant():
 
     assert set(SELECTION_DESCRIPTIONS) == set(recipes.SELECTION_METRICS)  # the model card names each one
     assert cli.DISTILLATION_WEIGHT == recipes.DISTILLATION_WEIGHT
+    assert cli.CATALOG_ID_DROPOUT == recipes.CATALOG_ID_DROPOUT
     assert cli.EARLY_STOPPING_THRESHOLD == recipes.EARLY_STOPPING_THRESHOLD
     assert cli.DISTILLATION_MIN_COUNT == recipes.DISTILLATION_MIN_COUNT
 

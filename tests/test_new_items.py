@@ -18,7 +18,8 @@ def synthetic_splits(users=60, items=80, seed=0):
 
 def test_held_out_items_reach_no_training_row_and_the_test_split_keeps_its_targets():
     splits, item_ids = synthetic_splits()
-    known, known_ids, held_ids, test = hold_out_items(splits, item_ids, share=0.1, seed=3)
+    known, known_ids, held_ids, protocol = hold_out_items(splits, item_ids, share=0.1, seed=3)
+    test = protocol["test"]
     held = set(held_ids)
     assert len(held_ids) == 8 and not held & set(known_ids) and set(known_ids) | held == set(item_ids)
     for split in ("train", "validation", "test"):  # no held-out item as a target, history item or candidate
@@ -35,7 +36,9 @@ def test_held_out_items_reach_no_training_row_and_the_test_split_keeps_its_targe
     # The protocol's test rows: original targets and candidates, histories without held-out items.
     original = {u: (t, c) for u, t, c in zip(splits["test"]["user_id"], splits["test"]["target"], splits["test"]["candidates"])}
     assert all(original[u] == (t, c) for u, t, c in zip(test["user_id"], test["target"], test["candidates"]))
-    assert not held & {i for h in test["history"] for i in h}
+    assert not held & {i for split in ("validation", "test") for h in protocol[split]["history"] for i in h}
+    assert protocol["validation"]["target"] == [t for t, h in zip(splits["validation"]["target"],
+                                                                  splits["validation"]["history"]) if set(h) - held]
     assert any(t in held for t in test["target"]), "the new-item set must not be empty on this example"
     again = hold_out_items(splits, item_ids, share=0.1, seed=3)
     assert again[2] == held_ids and again[0]["validation"]["candidates"] == known["validation"]["candidates"]

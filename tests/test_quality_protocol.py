@@ -194,7 +194,7 @@ def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_
 
     tiny_dataset(tmp_path / "data")
     model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8,
-                                                 item_dropout=0.0, max_history=4)
+                                                 item_dropout=0.0, catalog_id_dropout=0.0, max_history=4)
     model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
     rows = dense_training_rows(splits, max_history=4, stride=2)
     assert any(r["first_labeled"] > 0 for r in rows.select(range(6))), "overlapping windows: context-only prefixes"
