@@ -548,9 +548,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    from safetensors import SafetensorError  # no torch: safetensors' own error, as a full disk raises it
+
     try:
         run(argv)
-    except (ValueError, OSError, KeyError) as err:
+    except (ValueError, OSError, KeyError, SafetensorError) as err:
         if debug:
             raise
         command = next((a for a in argv if not a.startswith("-")), "")

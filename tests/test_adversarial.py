@@ -462,3 +462,23 @@ def test_a_processor_save_waits_for_a_model_save_to_the_same_folder_and_clears_k
     saving.join()
     assert (final / "processor_config.json").exists() and not list(final.glob(".processor-saving-*"))
     assert AutoProcessor.from_pretrained(final).item_ids == processor.item_ids
+
+
+def test_a_build_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as its own SafetensorError, which reached the user as a raw traceback."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    tiny_dataset(tmp_path / "data")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    assert main(["build", "--data", str(tmp_path / "data"), "--backbone", "tiny-llama", "--output",
+                 str(tmp_path / "ckpt")]) == 2
+    assert "speeder build: error: Error while serializing: IoError(Os { code: 28" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt.*"))
+

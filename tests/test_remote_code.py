@@ -34,7 +34,8 @@ def test_remote_code_load_in_clean_process(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     saved = {p.name for p in (tmp_path / "ckpt").iterdir()}
-    assert {"configuration_speeder.py", "modeling_speeder.py", "processing_speeder.py", "model.safetensors"} <= saved
+    assert {"configuration_speeder.py", "modeling_speeder.py", "recommendation.py", "atomic_files.py",
+            "processing_speeder.py", "model.safetensors"} <= saved
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_speeder.SpeederForSequentialRecommendation"
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin",
