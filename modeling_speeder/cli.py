@@ -358,6 +358,12 @@ def _distillation_teacher(args):
     return SASRecModel.from_pretrained(path, use_safetensors=True)
 
 
+# `speeder train` options that only shape a model it builds (without --model).
+BUILD_ONLY_FLAGS = ("backbone", "modalities", "learned_id_dim", "tokens_per_item", "max_history", "expert_hidden_size",
+                    "no_recency", "no_item_positions", "catalog_loss_weight", "item_dropout", "catalog_id_dropout",
+                    "no_item_bias")
+
+
 def train_command(args):
     """Train a Speeder on a canonical dataset with transformers.Trainer (MPO, optional LoRA), then evaluate."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -370,9 +376,15 @@ def train_command(args):
     from .conversion.datasets import load_canonical
 
     set_seed(args.seed)  # the model's initial weights too, not only the Trainer's data order: a rerun is the same run
+    if args.model:  # a built checkpoint has its architecture: flags that would only shape a new build are an error
+        train_parser = build_parser()[1]["train"]
+        ignored = [f"--{dest.replace('_', '-')}" for dest in BUILD_ONLY_FLAGS
+                   if getattr(args, dest) != train_parser.get_default(dest)]
+        if ignored:
+            raise ValueError(f"--model {args.model} is already built, so {', '.join(ignored)} would be ignored: drop "
+                             "them, or build a new model (leave out --model, or `speeder build`)")
     splits, items, feats, presence = load_canonical(args.data)
     if args.model:
-
         model, processor = load_checkpoint(args.model)
         model.check_processor(processor)
     else:

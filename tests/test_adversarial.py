@@ -482,3 +482,19 @@ def test_a_build_onto_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     assert "speeder build: error: Error while serializing: IoError(Os { code: 28" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt.*"))
 
+
+def test_build_flags_with_a_built_model_are_an_error_not_ignored(tmp_path, capsys):
+    """With --model, `speeder train` silently ignored the flags that shape a new build (--max-history 7 trained the
+    checkpoint's own history length)."""
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.cli import BUILD_ONLY_FLAGS, build_parser, main
+
+    dests = {action.dest for action in build_parser()[1]["train"]._actions}
+    assert set(BUILD_ONLY_FLAGS) <= dests
+    tiny_dataset(tmp_path / "data")
+    assert main(["train", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "m"), "--max-history", "7",
+                 "--no-item-bias", "--output", str(tmp_path / "run")]) == 2
+    assert "is already built, so --max-history, --no-item-bias would be ignored" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
