@@ -302,8 +302,9 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     if dense:
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
         model.config.candidate_ranking_head = "catalog"
-    else:
+    else:  # a checkpoint trained on the catalog head alone has weight 0 here: the candidate head would never learn
         model.config.candidate_ranking_head = "candidate"
+        model.config.candidate_loss_weight = model.config.candidate_loss_weight or 1.0
     if catalog_negatives is None:
         catalog_negatives = default_catalog_negatives(model.config.num_items)
     train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]

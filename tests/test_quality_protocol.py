@@ -179,6 +179,24 @@ def test_dense_then_candidate_trains_both_heads_and_ranks_with_the_candidate_hea
     assert saved["candidate_ranking_head"] == "candidate"
 
 
+def test_the_candidate_head_trains_on_a_checkpoint_trained_on_the_catalog_head_alone(tmp_path):
+    """`speeder train --model <a default checkpoint> --head candidate` kept the saved candidate loss weight 0, so the
+    candidate head never learned."""
+    import torch
+    from test_distributed_and_resume import tiny_dataset
+
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
+    model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0  # as the default recipe saves it
+    before = model.candidate_head.weight.detach().clone()
+    train(model, processor, splits, tmp_path / "run", max_steps=2, batch_size=8, head="candidate", mpo=False,
+          report_splits=())
+    assert model.config.candidate_loss_weight == 1.0 and model.config.candidate_ranking_head == "candidate"
+    assert not torch.equal(model.candidate_head.weight, before)
+
+
 def test_distillation_adds_the_teachers_divergence_at_every_labelled_prefix(tmp_path):
     """The teacher reads the same (truncated) histories as the model and is asked about exactly the prefixes that carry
     a dense label, in the same order; the loss is the dense loss plus weight x KL(teacher || model) at temperature t
