@@ -107,6 +107,7 @@ def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_
     seen in training, and for items with no other feature); without it a learned id table of `learned_id_dim` plays
     that role."""
     splits, items, features, presence = load_canonical(data_dir)
+    config_kwargs.setdefault("max_history", 50)  # as `speeder train`, `speeder build` and the demo (and SASRec's window)
     config_kwargs.setdefault("item_dropout", 0.2)  # as SASRec's embedding dropout: without it the small model overfits
     config_kwargs.setdefault("catalog_id_dropout", CATALOG_ID_DROPOUT)
     config_kwargs.setdefault("catalog_item_bias", True)  # popularity prior of the catalog head (bench/earlier-runs.md)

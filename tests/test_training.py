@@ -477,3 +477,28 @@ def test_mpo_ramp_mask_is_drawn_by_the_collator_not_the_model():
     assert mask.shape == (300, 3) and mask[:, 0].all() and mask[:, 2].all() and 0.35 < mask[:, 1].float().mean() < 0.65
     assert "modality_mask" not in SpeederDataCollator(processor, num_negatives=3,
                                                       modality_keep_probabilities=lambda: torch.ones(3))(rows[:3])
+
+
+def test_the_python_api_and_the_command_line_give_the_same_run(tmp_path):
+    """`speeder train` and `recipes.build_for_dataset` + `recipes.train` with the same arguments build the same model
+    and train it to the same weights (they disagreed on the history length: 50 on the command line, 20 in Python)."""
+    from safetensors.torch import load_file
+    from test_distributed_and_resume import tiny_dataset
+    from transformers import set_seed
+
+    from modeling_speeder.cli import run as cli
+    from modeling_speeder.recipes import build_for_dataset, train
+
+    tiny_dataset(tmp_path / "data")
+    cli(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "cli"), "--steps", "3", "--batch-size",
+         "4", "--expert-hidden-size", "16", "--learned-id-dim", "8", "--eval-rows", "4"])
+    set_seed(0)
+    model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8, seed=0)
+    train(model, processor, splits, tmp_path / "python", max_steps=3, batch_size=4, seed=0, eval_rows=4)
+    from_cli = load_file(tmp_path / "cli" / "model" / "model.safetensors")
+    from_python = load_file(tmp_path / "python" / "model" / "model.safetensors")
+    assert from_cli.keys() == from_python.keys()
+    assert all(torch.equal(from_cli[k], from_python[k]) for k in from_cli), "the same arguments must give the same run"
+    for name in ("max_history", "item_dropout", "catalog_id_dropout", "catalog_item_bias", "learned_id_dim"):
+        assert getattr(model.config, name) == json.loads((tmp_path / "cli" / "model" / "config.json").read_text())[name]
+
