@@ -3,7 +3,8 @@
 One model in one file. The backbone is an unmodified `AutoModel.from_config(config.text_config)`; the new neural
 code is the MRC module (Mixture of Modality Experts), the SPAE recency embedding and two small heads. Masks,
 caches and attention kernels come from Transformers. This file is copied next to saved checkpoints as remote
-code: it imports only installed libraries and `.configuration_speeder`.
+code: it imports only installed libraries and its siblings `.configuration_speeder`, `.recommendation` (ranking for
+`recommend`) and `.atomic_files` (the atomic save), which travel with it.
 """
 
 import re

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic_files import write_text_atomically
+from .atomic_files import folder_written_atomically, write_text_atomically
 from .conversion.build import build_speeder, load_backbone
 from .conversion.datasets import (
     convert_recbole,
@@ -543,7 +543,6 @@ def cached_sasrec_baseline(cache: Path, key: dict, splits, item_ids, **kwargs):
     """`sasrec_baseline`, trained once per `key` (the data and settings it depends on) and kept in the folder `cache`
     (weights, report and key, written atomically): a rerun with the same key loads it instead of training again.
     Returns (report, model, cached)."""
-    from .atomic_files import folder_written_atomically
     from .sasrec import SASRecModel
 
     cache = Path(cache)
