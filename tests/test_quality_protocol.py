@@ -191,8 +191,9 @@ def test_the_candidate_head_trains_on_a_checkpoint_trained_on_the_catalog_head_a
     model, processor, splits = build_for_dataset(tmp_path / "data", expert_hidden_size=16, learned_id_dim=8)
     model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0  # as the default recipe saves it
     before = model.candidate_head.weight.detach().clone()
-    train(model, processor, splits, tmp_path / "run", max_steps=2, batch_size=8, head="candidate", mpo=False,
-          report_splits=())
+    # The weights after the steps, not the best checkpoint (which may be the first, before any update).
+    train(model, processor, splits, tmp_path / "run", max_steps=3, batch_size=8, head="candidate", mpo=False,
+          report_splits=(), patience=0, load_best_model_at_end=False)
     assert model.config.candidate_loss_weight == 1.0 and model.config.candidate_ranking_head == "candidate"
     assert not torch.equal(model.candidate_head.weight, before)
 
