@@ -463,27 +463,32 @@ class SpeederModel(SpeederPreTrainedModel):
         self._item_cache = torch.cat([self.mrc(r, self.active_modalities)[0] for r in rows.split(chunk_size)])
         # Scored by the catalog head; a view when K = 1, computed once otherwise (not per call: (N, H) is large).
         self._item_repr_cache = self._item_cache[:, 0] if self.config.tokens_per_item == 1 else self._item_cache.mean(1)
-        self._item_cache_key = self._item_weights_key()
+        self._item_cache_key = (*self._item_weights_key(), self._mrc_checksum())
         return self._item_cache
 
     def clear_item_cache(self):
         self._item_cache = self._item_repr_cache = self._item_cache_key = None
 
-    @torch.no_grad()
     def _item_weights_key(self) -> tuple:
         """Storage, version counter and dtype of every tensor the item tokens depend on: any in-place update
-        (optimizer step, load_state_dict, set_item_features) bumps a version, and `.to(...)` changes storage or dtype;
-        plus a sum of the MRC parameters, since an edit through `.data` (the EMA idiom) bumps no version. The feature
-        bank is not summed (it is large, and set_item_features / add_items clear the cache themselves)."""
+        (optimizer step, load_state_dict, set_item_features) bumps a version, and `.to(...)` changes storage or dtype."""
         tensors = [*self.mrc.parameters(), *self.mrc.buffers(), self.modality_keep_prob]
-        checksum = float(sum(p.double().sum() for p in self.mrc.parameters()))
-        return (*((t.data_ptr(), t._version, t.dtype) for t in tensors), checksum)
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
-    def item_cache_is_current(self) -> bool:
-        """True when a cache exists and the weights, device and dtype it was computed from are unchanged."""
+    @torch.no_grad()
+    def _mrc_checksum(self) -> float:
+        """A sum of the MRC parameters: an edit through `.data` (the EMA idiom) bumps no version counter. A host
+        synchronisation, so only `recommend()` asks for it, never the forward (the feature bank is not summed: it is
+        large, and set_item_features / add_items clear the cache themselves)."""
+        return float(sum(p.double().sum() for p in self.mrc.parameters()))
+
+    def item_cache_is_current(self, check_contents: bool = False) -> bool:
+        """True when a cache exists and the weights, device and dtype it was computed from are unchanged; with
+        `check_contents`, also their values (edits through `.data`)."""
         if self._item_cache is None:
             return False
-        if self._item_cache_key != self._item_weights_key():
+        if self._item_cache_key != (*self._item_weights_key(), self._item_cache_key[-1]) or (
+                check_contents and self._item_cache_key[-1] != self._mrc_checksum()):
             self.clear_item_cache()
             return False
         return True
@@ -791,8 +796,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def cache_item_tokens(self, chunk_size: int = 65536) -> torch.Tensor:
         return self.model.cache_item_tokens(chunk_size)
 
-    def item_cache_is_current(self) -> bool:
-        return self.model.item_cache_is_current()
+    def item_cache_is_current(self, check_contents: bool = False) -> bool:
+        return self.model.item_cache_is_current(check_contents)
 
     def add_items(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None) -> int:
         """`SpeederModel.add_items`; each new item's per-item bias is the median of the trained ones: the prior of a

@@ -110,7 +110,7 @@ def recommend(model, histories, candidates=None, top_k: int = 10, processor=None
     top_k, batch_size = _positive_int("top_k", top_k), _positive_int("batch_size", batch_size)
     chunk_size = _positive_int("chunk_size", chunk_size)
     model.eval()
-    if not model.item_cache_is_current():
+    if not model.item_cache_is_current(check_contents=True):
         model.cache_item_tokens()
     results = []
     for start in range(0, len(histories), batch_size):
