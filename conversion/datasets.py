@@ -271,9 +271,9 @@ def convert_unisrec(directory: str | os.PathLike, name: str, feature_dims: dict[
     """UniSRec / MISSRec exports: `<name>.{train,valid,test}.inter`, `<name>.item2index`, `<name>.text` and the
     raw float32 feature files `<name>.feat1CLS` (text) and `<name>.feat3CLS` (image), row i = item index i.
 
-    The files carry no shape: the width is the file's size over the item count. `feature_dims` ({"text": 512, ...},
-    the encoder's width) turns that inference into a check, so a file truncated to a whole number of rows (say, to
-    exactly half its width) is refused instead of loading as a narrower feature.
+    The files carry no shape, so the encoder's width is an input: `feature_dims` ({"text": 512, "image": 512}) names
+    it for every file present, and a file whose size is not items x width (truncated, even to a whole number of rows,
+    or from another encoder) is refused instead of loading as a narrower feature; stats.json then records it.
 
     Returns (splits, items, features)."""
     directory = Path(directory)
@@ -303,7 +303,11 @@ def convert_unisrec(directory: str | os.PathLike, name: str, feature_dims: dict[
                 raise ValueError(f"{path}: {raw.size} floats do not divide into {len(item_ids)} item rows")
             width = raw.size // len(item_ids)
             expected = (feature_dims or {}).get(modality)
-            if expected is not None and width != expected:
+            if expected is None:
+                raise ValueError(f"{path}: the {modality} encoder's width is needed to check this headerless file "
+                                 f"(it would make {len(item_ids)} rows of {width}): pass feature_dims / --feature-dims "
+                                 f"{modality}={width} if that is the encoder's width")
+            if width != expected:
                 raise ValueError(f"{path}: {raw.size} floats make {len(item_ids)} rows of {width}, but the {modality} "
                                  f"encoder's width is {expected}: the file is truncated or from another encoder")
             features[modality] = torch.from_numpy(raw.reshape(len(item_ids), width).copy())

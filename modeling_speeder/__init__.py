@@ -53,7 +53,7 @@ def register():
     SpeederForSequentialRecommendation.register_for_auto_class("AutoModel")
     SpeederProcessor.register_for_auto_class("AutoProcessor")
     PIPELINE_REGISTRY.register_pipeline("sequential-recommendation", pipeline_class=SequentialRecommendationPipeline,
-                                        pt_model=AutoModel, type="multimodal")
+                                        pt_model=AutoModel, default=_NoDefaultModel(), type="multimodal")
     globals().update(MODALITIES=MODALITIES, SequentialRecommendationPipeline=SequentialRecommendationPipeline,
                      SpeederConfig=SpeederConfig, SpeederForSequentialRecommendation=SpeederForSequentialRecommendation,
                      SpeederModalityExperts=SpeederModalityExperts, SpeederModel=SpeederModel,
@@ -61,6 +61,18 @@ def register():
                      SpeederPreTrainedModel=SpeederPreTrainedModel,
                      SpeederProcessor=SpeederProcessor, SpeederRecommendationOutput=SpeederRecommendationOutput,
                      catalog_fingerprint=catalog_fingerprint)
+
+
+class _NoDefaultModel(dict):
+    """The task's `default` entry: there is no default recommender (a catalog is the user's), so `pipeline(task)`
+    without a model gets one clear line instead of transformers' `KeyError: 'default'`."""
+
+    def __contains__(self, key):
+        return key == "model"
+
+    def __getitem__(self, key):
+        raise ValueError("pipeline('sequential-recommendation') needs model=: a Speeder checkpoint folder or hub id "
+                         "(a recommender knows one catalog, so there is no default model)")
 
 
 def _imported_by_the_speeder_command() -> bool:

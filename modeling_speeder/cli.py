@@ -600,7 +600,8 @@ def build_parser():
     p.add_argument("--interacted-items-only", action="store_true",
                    help="csv: keep only the items of --items that someone interacted with (default: all, as negatives)")
     p.add_argument("--feature-dims", type=_feature_dims, default=None,
-                   help="unisrec: the encoders' widths, e.g. text=512,image=512: checks the feat*CLS files (else inferred)")
+                   help="unisrec: the encoders' widths, e.g. text=512,image=512 (CLIP): needed for each feat*CLS file, which "
+                        "has no header to check its size against")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,
                    help="amazon2023: keep users and items with at least this many interactions")
     p.add_argument("--negatives", type=POSITIVE_INT, default=19,  # evaluation.NUM_NEGATIVES (it imports torch)

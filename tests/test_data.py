@@ -107,13 +107,15 @@ def test_unisrec_fixture(tmp_path):
     write(tmp_path / "T.text", "item_id:token\ttext:token_seq\n" + "".join(f"{a}\tName {a}. Cat. Brand.\n" for a in asins))
     write(tmp_path / "T.test.inter", "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1 2\t3\n1\t4 5 6 7\t8\n")
     np.arange(30 * 4, dtype="<f4").tofile(tmp_path / "T.feat1CLS")
-    splits, items, features = convert_unisrec(tmp_path, "T")
+    with pytest.raises(ValueError, match=r"T.feat1CLS: the text encoder's width is needed.*--feature-dims text=4"):
+        convert_unisrec(tmp_path, "T")  # a headerless file is never taken at the width its size suggests
+    splits, items, features = convert_unisrec(tmp_path, "T", feature_dims={"text": 4})
     assert splits["test"][1]["history"] == ["A4", "A5", "A6", "A7"] and splits["test"][1]["target"] == "A8"
     assert items["title"][0] == "Name A0" and features["text"].shape == (30, 4) and "image" not in features
     assert torch.equal(features["text"][2], torch.tensor([8.0, 9.0, 10.0, 11.0]))
     np.arange(31, dtype="<f4").tofile(tmp_path / "T.feat3CLS")
     with pytest.raises(ValueError, match="do not divide into 30 item rows"):
-        convert_unisrec(tmp_path, "T")
+        convert_unisrec(tmp_path, "T", feature_dims={"text": 4, "image": 4})
     np.arange(30 * 2, dtype="<f4").tofile(tmp_path / "T.feat3CLS")  # a 4-wide file truncated to exactly half
     with pytest.raises(ValueError, match="rows of 2, but the image encoder's width is 4: the file is truncated"):
         convert_unisrec(tmp_path, "T", feature_dims={"text": 4, "image": 4})
@@ -121,7 +123,8 @@ def test_unisrec_fixture(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "amazon-scientific-mm").exists(), reason="../shared/data/amazon-scientific-mm is absent")
 def test_real_scientific_statistics(tmp_path):
-    splits, items, features = convert_unisrec(SHARED / "amazon-scientific-mm", "Scientific")
+    splits, items, features = convert_unisrec(SHARED / "amazon-scientific-mm", "Scientific",
+                                              feature_dims={"text": 512, "image": 512})
     stats = write_canonical(tmp_path / "sci", splits, items, features)
     assert (stats["users"], stats["items"], stats["interactions"]) == (2928, 1585, 19712)
     assert stats["history_length"]["min"] == 5 and stats["history_length"]["max"] == 36

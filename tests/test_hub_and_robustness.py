@@ -352,6 +352,14 @@ def test_sequential_recommendation_pipeline(tmp_path):
         recommender(["item0x"])
 
 
+def test_pipeline_without_a_model_says_so():
+    """A recommender knows one catalog, so the task has no default model: one clear line, not KeyError 'default'."""
+    from transformers import pipeline
+
+    with pytest.raises(ValueError, match=r"needs model=: a Speeder checkpoint folder or hub id"):
+        pipeline("sequential-recommendation")
+
+
 def test_pipeline_batches_lists_and_dicts_and_refuses_a_string_history(tmp_path):
     """batch_size= ranks a list of histories (and of dicts with candidates, mixed with plain histories) exactly as
     one at a time; a history or candidate list given as one string is an error, never split into characters."""
