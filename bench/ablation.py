@@ -28,7 +28,6 @@ COMPONENTS = {
 HEADS = {
     "candidate head (20-candidate cross-entropy, one prefix per example)": ["--head", "candidate"],
     "catalog head, dense (full softmax, every prefix of each user)": ["--head", "catalog-dense"],
-    "dense, then candidate head (joint candidate + catalog loss)": ["--head", "dense+candidate"],
 }
 
 

@@ -39,22 +39,6 @@ def _feature_dims(text: str) -> dict[str, int]:
     return dims
 
 
-def _modality_dropout(text: str) -> dict[str, float]:
-    """'id=0.7' -> {'id': 0.7}: the share of training examples that do without each named modality."""
-    shares = {}
-    for part in text.split(","):
-        modality, _, share = part.partition("=")
-        try:
-            value = float(share)
-        except ValueError:
-            value = -1.0
-        if modality.strip() not in ("text", "image", "id") or not 0.0 <= value < 1.0:
-            raise argparse.ArgumentTypeError(f"expected modality=share pairs with shares in [0, 1), such as id=0.7, "
-                                             f"got {part!r}")
-        shares[modality.strip()] = value
-    return shares
-
-
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
 SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
 CATALOG_ID_DROPOUT = 0.3  # recipes.CATALOG_ID_DROPOUT
@@ -410,12 +394,10 @@ def train_command(args):
                            selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
                            mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
                            save_steps=args.save_steps, head=args.head, packed=args.packed,
-                           modality_dropout=args.modality_dropout, selection_metric=args.selection_metric,
+                           selection_metric=args.selection_metric,
                            teacher=teacher, distillation_weight=args.distillation_weight,
-                           distillation_temperature=args.distillation_temperature,
                            distillation_min_count=args.distillation_min_count,
                            catalog_negatives=args.catalog_negatives,
-                           negative_popularity_alpha=args.negative_popularity_alpha,
                            early_stopping_threshold=args.early_stopping_threshold,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:
@@ -655,9 +637,6 @@ def build_parser():
                    help="evaluate and checkpoint every N steps (default: every epoch)")
     p.add_argument("--lora-r", type=NON_NEGATIVE_INT, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
     p.add_argument("--no-mpo", action="store_true", help="ablation: all modalities from step 0")
-    p.add_argument("--modality-dropout", type=_modality_dropout, default=None,
-                   help="e.g. id=0.7: MPO ramps end within one stage, then each named modality is left out of that share of "
-                        "the training examples (default: the last stage's ramp spans the epoch budget)")
     p.add_argument("--no-recency", action="store_true", help="ablation: no SPAE recency embeddings")
     p.add_argument("--no-item-positions", action="store_true", help="ablation: plain token position ids")
     p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")
@@ -671,19 +650,16 @@ def build_parser():
     p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
     p.add_argument("--catalog-id-dropout", type=DROPOUT, default=CATALOG_ID_DROPOUT, help=CATALOG_ID_DROPOUT_HELP)
     p.add_argument("--no-item-bias", action="store_true", help="ablation: no per-item bias on catalog-head scores")
-    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate", "dense+candidate"],
+    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate"],
                    help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
     p.add_argument("--packed", action="store_true",
                    help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
     p.add_argument("--catalog-negatives", type=NON_NEGATIVE_INT, default=None, help=CATALOG_NEGATIVES_HELP)
-    p.add_argument("--negative-popularity-alpha", type=NON_NEGATIVE_FLOAT, default=0.0,
-                   help="sampled negatives drawn by (training count + 1) ** alpha (0: uniformly)")
     p.add_argument("--early-stopping-threshold", type=NON_NEGATIVE_FLOAT, default=EARLY_STOPPING_THRESHOLD,
                    help=EARLY_STOPPING_HELP)
     p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
     p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
                    help=DISTILLATION_MIN_COUNT_HELP)
-    p.add_argument("--distillation-temperature", type=POSITIVE_FLOAT, default=1.0, help="softmax temperature of it")
     p.add_argument("--teacher", default=None,
                    help="a saved SASRec folder to distil from (default: <data>/sasrec, from `speeder features --collaborative`)")
     p.add_argument("--attn-implementation", default=None,

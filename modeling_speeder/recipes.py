@@ -151,25 +151,20 @@ def dense_training_rows(splits, max_history: int, stride: int | None = None):
     return Dataset.from_dict(rows)
 
 
-def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None, modality_dropout: dict | None = None) -> list[dict]:
+def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None) -> list[dict]:
     """MPO stages for a run measured in epochs: every stage but the last lasts `stage_steps`; the last one runs until
     training stops (early stopping), so a ramp there spans its share of the whole epoch budget (with a 30-epoch
-    budget, the `id` modality reaches about 70% of the training examples by the usual selected epoch).
-    modality_dropout ({modality: p}): instead, every ramp lasts its share of `stage_steps`, and in the last stage
-    each named modality is then left out of a share p of the training examples (inference uses every modality).
-    stage_steps None (a fixed `max_steps` budget): the stages keep their shares of it; only the dropout is added.
+    budget, the `id` modality reaches about 70% of the training examples by the usual selected epoch). stage_steps
+    None (a fixed `max_steps` budget): the stages keep their shares of it.
 
-    The default keeps the long ramp because it measured best: it works as modality dropout on the SASRec `id`
-    features, which the model otherwise leans on too hard (they were fitted to the same training targets). On
-    Scientific validation NDCG@10: long ramp 0.6045, short ramp with no dropout 0.5838, `id` dropout 0.3 / 0.5 / 0.7
-    0.5951 / 0.6005 / 0.6059 (bench/earlier-runs.md, "Regularisation, the MPO ramp and the `id` modality")."""
+    The long ramp measured best: it works as modality dropout on the SASRec `id` features, which the model otherwise
+    leans on too hard (they were fitted to the same training targets). On Scientific validation NDCG@10: long ramp
+    0.6045, a ramp within one stage 0.5838, that plus explicit `id` dropout 0.3 / 0.5 / 0.7 0.5951 / 0.6005 / 0.6059
+    (bench/earlier-runs.md, "Regularisation, the MPO ramp and the `id` modality"; the explicit dropout tied, so it
+    was deleted)."""
     stages = [dict(stage) for stage in stages]
     for stage in stages[:-1] if stage_steps is not None else []:
         stage["steps"] = stage_steps
-    if modality_dropout is not None:
-        for stage in stages if stage_steps is not None else []:
-            stage["ramp_steps"] = round(stage.get("ramp", 0.0) * stage_steps)
-        stages[-1]["dropout"] = dict(modality_dropout)
     return stages
 
 
@@ -186,7 +181,7 @@ def default_catalog_negatives(num_items: int) -> int:
 EARLY_STOPPING_THRESHOLD = 0.001
 SAMPLED_SOFTMAX_FROM = 10_000
 SAMPLED_NEGATIVES = 1024
-HEADS = ("catalog-dense", "candidate", "dense+candidate")
+HEADS = ("catalog-dense", "candidate")
 SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
 # The recipe's share of catalog item vectors scored without `id` while training (SpeederConfig.catalog_id_dropout):
 # on the new-item protocol (Scientific validation) 0.3 beat 0 and 0.6 on new and known items alike (BENCHMARKS.md).
@@ -220,11 +215,9 @@ def check_teacher(teacher, processor):
 def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
           learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
           mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
-          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, candidate_epochs: float = 3,
-          report_splits=("validation", "test"), modality_dropout: dict | None = None,
+          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, report_splits=("validation", "test"),
           selection_metric: str = "full_ndcg@10", teacher=None, distillation_weight: float = 0.0,
-          distillation_temperature: float = 1.0, distillation_min_count: int = 0, dataset: dict | None = None,
-          catalog_negatives: int | None = None, negative_popularity_alpha: float = 0.0,
+          distillation_min_count: int = 0, dataset: dict | None = None, catalog_negatives: int | None = None,
           early_stopping_threshold: float = EARLY_STOPPING_THRESHOLD, **training_kwargs):
     """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
 
@@ -243,8 +236,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     head: "catalog-dense" (default; the catalog head, full softmax, every training target of every user once per
     epoch through overlapping windows, one causal pass per window; the model then ranks candidate sets with the
     catalog head too) or "candidate" (cross-entropy over the target and 19 fresh negatives in the prompt, one training
-    prefix per example), or "dense+candidate" (catalog-dense, then `candidate_epochs` of the candidate head with the
-    catalog loss kept on).
+    prefix per example; the paper's prompt, and the LLaRA-style comparisons').
     mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
     packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
     kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves).
@@ -253,8 +245,8 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     next-item distributions the catalog head is also fitted to (`SpeederTrainer`); `distillation_min_count` leaves
     items with fewer training interactions out of both distributions (0: every item).
     catalog_negatives: the catalog head's sampled softmax (`SpeederDataCollator.catalog_negatives`): the step's
-    positives plus this many items drawn per batch (uniformly, or by training popularity ** negative_popularity_alpha),
-    logQ-corrected; 0 is the full softmax; None picks by catalog size (`default_catalog_negatives`).
+    positives plus this many items drawn uniformly per batch, logQ-corrected; 0 is the full softmax; None picks by
+    catalog size (`default_catalog_negatives`).
     early_stopping_threshold: the least validation gain that resets the patience (transformers'
     `EarlyStoppingCallback`), so a metric creeping up by noise-sized steps does not keep training going."""
     from transformers import EarlyStoppingCallback, TrainingArguments
@@ -265,27 +257,6 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     if selection_metric not in SELECTION_METRICS:
         raise ValueError(f"selection_metric must be one of {SELECTION_METRICS}, got {selection_metric!r}")
     model.check_processor(processor)
-    if head == "dense+candidate":
-        # Dense catalog pre-training on every target, then the candidate head learns on top with the catalog loss kept
-        # on (joint), both stages selected on validation; the model then ranks candidate sets with the candidate head.
-        common = dict(batch_size=batch_size, learning_rate=learning_rate, seed=seed, eval_rows=eval_rows,
-                      selection_rows=selection_rows, mpo_stage_epochs=mpo_stage_epochs, weight_decay=weight_decay,
-                      warmup_ratio=warmup_ratio, selection_metric=selection_metric, dataset=dataset,
-                      catalog_negatives=catalog_negatives, negative_popularity_alpha=negative_popularity_alpha,
-                      early_stopping_threshold=early_stopping_threshold, **training_kwargs)
-        # The first stage reports validation only: the test split is read once, after the last stage.
-        dense_report = train(model, processor, splits, Path(output) / "dense", epochs=epochs, max_steps=max_steps,
-                             patience=patience, mpo=mpo, head="catalog-dense", report_splits=("validation",),
-                             modality_dropout=modality_dropout, teacher=teacher, distillation_weight=distillation_weight,
-                             distillation_temperature=distillation_temperature,
-                             distillation_min_count=distillation_min_count, **common)
-        model.config.candidate_loss_weight, model.config.catalog_loss_weight = 1.0, 1.0
-        report = train(model, processor, splits, output, epochs=candidate_epochs, patience=1, mpo=False, head="candidate",
-                       **common)
-        report.update(head=head, dense_stage={k: v for k, v in dense_report.items() if k not in ("log_history",)},
-                      train_seconds=round(report["train_seconds"] + dense_report["train_seconds"], 1))
-        write_report(Path(output), report)
-        return report
     dense = head == "catalog-dense"
     if packed and not dense:
         raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
@@ -333,7 +304,7 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     stages = None
     if mpo:
         stage_steps = None if fixed_budget else max(1, round(mpo_stage_epochs * steps_per_epoch))
-        stages = mpo_stages_in_steps(model.config.mpo_stages, stage_steps, modality_dropout)
+        stages = mpo_stages_in_steps(model.config.mpo_stages, stage_steps)
     mpo_callback = SpeederMPOCallback(stages) if mpo else None
     if mpo:
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
@@ -357,11 +328,10 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
     trainer = SpeederTrainer(
         model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
         teacher=teacher if distill else None, distillation_weight=distillation_weight if distill else 0.0,
-        distillation_temperature=distillation_temperature, distillation_items=distillation_items,
+        distillation_items=distillation_items,
         data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
                                           dense_labels_per_row=labels_per_row, distillation=distill,
                                           catalog_negatives=catalog_negatives if dense else 0, item_counts=counts,
-                                          negative_popularity_alpha=negative_popularity_alpha,
                                           modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
         processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
     )
@@ -385,12 +355,10 @@ def train(model, processor, splits, output: Path, epochs: float = 30, max_steps:
               "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
               "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
                                            / train_seconds, 1),
-              "catalog_loss": ({"softmax": "sampled", "negatives": catalog_negatives,
-                                "negative_popularity_alpha": negative_popularity_alpha}
+              "catalog_loss": ({"softmax": "sampled", "negatives": catalog_negatives}
                                if dense and 0 < catalog_negatives < model.config.num_items else {"softmax": "full"}),
               "early_stopping_threshold": early_stopping_threshold,
-              "distillation": {"weight": distillation_weight, "temperature": distillation_temperature,
-                               "min_count": distillation_min_count} if distill else None,
+              "distillation": {"weight": distillation_weight, "min_count": distillation_min_count} if distill else None,
               "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
               "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
                                 "end": min(stage["end"], trainer.state.global_step), "ramp": stage.get("ramp", 0.0),

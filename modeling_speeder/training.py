@@ -77,8 +77,8 @@ class SpeederTrainer(Trainer):
       baseline is. `Trainer.predict` is left as it is.
     - Distillation: with a `teacher` (a `SASRecModel` trained on the training split) and dense batches from
       `SpeederDataCollator(distillation=True)`, the loss adds `distillation_weight` x the KL divergence from the
-      teacher's next-item distribution to the catalog head's, at every labelled prefix, at `distillation_temperature`
-      (times its square, as Hinton et al.), normalised as the dense loss is. The teacher's soft targets carry what
+      teacher's next-item distribution to the catalog head's, at every labelled prefix (temperature 1: 2 measured
+      worse, bench/earlier-runs.md), normalised as the dense loss is. The teacher's soft targets carry what
       it learned about every item, not only which one came next. `distillation_items` ((N,) bool) restricts both
       distributions to those catalog items (renormalised): the recipe leaves out items the teacher barely saw in
       training, whose low probability says more about their few interactions than about the user.
@@ -89,16 +89,15 @@ class SpeederTrainer(Trainer):
 
     COLLATOR_RNG_FILE = "collator_rng_state.json"
 
-    def __init__(self, *args, extra_metrics=None, teacher=None, distillation_weight: float = 0.0,
-                 distillation_temperature: float = 1.0, distillation_items=None, **kwargs):
+    def __init__(self, *args, extra_metrics=None, teacher=None, distillation_weight: float = 0.0, distillation_items=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        if distillation_weight < 0 or not distillation_temperature > 0:
-            raise ValueError(f"distillation_weight must be >= 0 and distillation_temperature > 0, got "
-                             f"{distillation_weight!r} and {distillation_temperature!r}")
+        if distillation_weight < 0:
+            raise ValueError(f"distillation_weight must be >= 0, got {distillation_weight!r}")
         self.extra_metrics = extra_metrics
         self._training_batches = 0  # micro-batches trained on, in this run and the one it resumes
         self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
-        self.distillation_weight, self.distillation_temperature = distillation_weight, distillation_temperature
+        self.distillation_weight = distillation_weight
         self.distillation_items = None  # (N,) bool on the device
         if distillation_items is not None:
             num_items = unwrap_speeder(self.model).config.num_items
@@ -165,12 +164,11 @@ class SpeederTrainer(Trainer):
         # renormalised: if the student matched the teacher over the catalog, it matches it over any subset, so the
         # restricted divergence keeps the full one's minimum, and needs no logQ correction.
         catalog_rows = inputs.get("catalog_item_rows")
-        t = self.distillation_temperature
         teacher = self.teacher.next_item_logits(item_rows, positions, catalog_rows).to(student.device)
         kept = self.distillation_items
         if kept is not None and catalog_rows is not None:
             kept = kept[catalog_rows]  # (U,)
-        divergence = restricted_kl_divergence(student.float() / t, teacher.float() / t, kept) * t**2
+        divergence = restricted_kl_divergence(student.float(), teacher.float(), kept)
         normalizer = inputs.get("dense_loss_normalizer")
         divergence = divergence / (normalizer if normalizer is not None else student.shape[0])
         loss = loss + self.distillation_weight * divergence
@@ -225,9 +223,7 @@ class SpeederMPOCallback(TrainerCallback):
     """Runs the MPO schedule in `config.mpo_stages` (DESIGN.md section 6).
 
     Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
-    the stage over which newly added modalities go from 0 to 1 of the examples; or absolute `ramp_steps`) and its
-    `dropout` ({modality: p}: the share of training examples that do without that modality, as modality dropout) and
-    its `trainable` groups (the
+    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (the
     model's `parameter_groups`; an unknown group is an error). The stage follows from `global_step`, so a resumed
     run continues in the right stage; under PEFT only parameters that were trainable at the start are ever switched
     on. Stages that add a modality the
@@ -275,11 +271,9 @@ class SpeederMPOCallback(TrainerCallback):
             self._plan = (max_steps, self.plan(model, max_steps))
         plan = self._plan[1]
         stage = next((s for s in plan if s["start"] <= step < s["end"]), plan[-1])
-        ramp_steps = stage["ramp_steps"] if "ramp_steps" in stage else stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
+        ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
-        dropout = stage.get("dropout") or {}
-        speeder.set_active_modalities({m: (progress if m in stage["new"] else 1.0) * (1.0 - dropout.get(m, 0.0))
-                                       for m in stage["modalities"]})
+        speeder.set_active_modalities({m: progress if m in stage["new"] else 1.0 for m in stage["modalities"]})
         self._keep = speeder.model.modality_keep_prob.detach().cpu().clone()
         if self.current != stage["index"]:
             self.current = stage["index"]

@@ -39,10 +39,8 @@ class SpeederDataCollator:
     # item in the set (log q = 0): the full softmax again, exactly.
     catalog_negatives: int = 0
     # Training interactions per catalog item (N,) (`evaluation.training_item_counts`): how often an item is an
-    # in-batch positive, and, with `negative_popularity_alpha` > 0, the proposal the negatives are drawn from
-    # ((count + 1) ** alpha; 0 draws uniformly). None: every item as likely as any other.
+    # in-batch positive, for the logQ correction (negatives are drawn uniformly). None: every item as likely.
     item_counts: np.ndarray | None = None
-    negative_popularity_alpha: float = 0.0
     _rng: np.random.Generator = field(init=False, repr=False)
     RECORDED_STATES = 64  # (not a field) draw states kept: those before the last 64 training batches
     _training_batches: int = field(init=False, repr=False, default=0)  # training batches collated so far
@@ -53,16 +51,14 @@ class SpeederDataCollator:
             raise ValueError("packed=True needs dense=True: packed batches train the catalog head, without candidates")
         self._rng = np.random.default_rng(self.seed)
         n = self.processor.num_items
-        if self.catalog_negatives < 0 or self.negative_popularity_alpha < 0:
-            raise ValueError(f"catalog_negatives and negative_popularity_alpha must be >= 0, got {self.catalog_negatives!r} "
-                             f"and {self.negative_popularity_alpha!r}")
+        if self.catalog_negatives < 0:
+            raise ValueError(f"catalog_negatives must be >= 0, got {self.catalog_negatives!r}")
         counts = np.ones(n) if self.item_counts is None else np.asarray(self.item_counts, dtype=np.float64)
         if counts.shape != (n,):
             raise ValueError(f"item_counts has shape {counts.shape}; expected ({n},), one count per catalog item")
         self._positive_p = counts / counts.sum() if counts.sum() else np.full(n, 1.0 / n)  # (N,) in-batch positive
-        proposal = (counts + 1.0) ** self.negative_popularity_alpha
-        self._negative_p = proposal / proposal.sum()  # (N,) one negative draw
-        self._negative_cdf = np.cumsum(self._negative_p)  # drawn by bisection: O(M log N) a batch, not O(N)
+        # Uniform negatives, drawn by bisection on this CDF (as when the proposal was configurable: the same stream).
+        self._uniform_cdf = np.cumsum(np.full(n, 1.0 / n))
 
     def rng_state(self, training_batches: int) -> dict:
         """The draw stream's state before training batch number `training_batches` (0-based) was collated, so that a
@@ -103,16 +99,17 @@ class SpeederDataCollator:
 
         An item is in the set if any of the batch's P positives or M draws is it; treating the positives as P draws
         from the items' training frequency u, its probability is q = 1 - (1 - u)^P (1 - p)^M, with p the negatives'
-        proposal. The model subtracts log q from the negatives' logits (`SpeederForSequentialRecommendation.catalog_loss`)."""
+        proposal (uniform, 1 / N). The model subtracts log q from the negatives' logits
+        (`SpeederForSequentialRecommendation.catalog_loss`)."""
         n, m = self.processor.num_items, self.catalog_negatives
         if m >= n:  # every item: the full softmax (log q = 0)
             return {"catalog_item_rows": torch.arange(n), "catalog_item_log_q": torch.zeros(n)}
         positives = labels[labels >= 0].numpy()
-        draws = np.minimum(np.searchsorted(self._negative_cdf, self._rng.random(m) * self._negative_cdf[-1], side="right"),
+        draws = np.minimum(np.searchsorted(self._uniform_cdf, self._rng.random(m) * self._uniform_cdf[-1], side="right"),
                            n - 1)
         rows = np.unique(np.concatenate([positives, draws]))
         log_missed = len(positives) * np.log1p(-np.minimum(self._positive_p[rows], 1 - 1e-12)) + m * np.log1p(
-            -np.minimum(self._negative_p[rows], 1 - 1e-12))  # log P(not in the set)
+            -1.0 / n)  # log P(not in the set)
         log_q = np.log(-np.expm1(np.minimum(log_missed, -1e-12)))
         return {"catalog_item_rows": torch.from_numpy(rows).long(), "catalog_item_log_q": torch.from_numpy(log_q).float()}
 

@@ -55,23 +55,23 @@ def test_a_positive_drawn_as_a_negative_is_one_column_not_its_own_negative():
 
 
 def test_inclusion_probabilities_follow_the_draws():
-    """q = 1 - (1 - u)^P (1 - p)^M for P in-batch positives (frequency u) and M proposal draws (p)."""
+    """q = 1 - (1 - u)^P (1 - 1/N)^M for P in-batch positives (frequency u) and M uniform draws."""
     _, processor = make_tiny()
     counts = np.arange(NUM_ITEMS) + 1.0
     collator = SpeederDataCollator(processor, dense=True, candidates_in_prompt=False, catalog_negatives=5,
-                                   item_counts=counts, negative_popularity_alpha=1.0)
+                                   item_counts=counts)
     labels = torch.tensor([[3, 9, -100], [9, 12, -100]])
     sample = collator._sampled_catalog(labels)
     rows = sample["catalog_item_rows"].numpy()
-    u, p = counts / counts.sum(), (counts + 1) / (counts + 1).sum()
-    expected = np.log(1 - (1 - u[rows]) ** 4 * (1 - p[rows]) ** 5)
+    u = counts / counts.sum()
+    expected = np.log(1 - (1 - u[rows]) ** 4 * (1 - 1 / NUM_ITEMS) ** 5)
     np.testing.assert_allclose(sample["catalog_item_log_q"].numpy(), expected, rtol=1e-5)
     assert {3, 9, 12} <= set(rows.tolist()) and len(rows) <= 3 + 5
-    # The draws follow the proposal: popular items come up more often.
+    # The draws are uniform: each half of the catalog comes up about as often.
     draws = np.concatenate([collator._sampled_catalog(torch.tensor([[0]]))["catalog_item_rows"].numpy()
                             for _ in range(400)])
     draws = draws[draws != 0]  # the positive
-    assert (draws >= NUM_ITEMS // 2).mean() > 0.65, "(count + 1) ** 1 puts 73% of the mass on the upper half"
+    assert 0.4 < (draws >= NUM_ITEMS // 2).mean() < 0.6
 
 
 @pytest.mark.parametrize("packed", [False, True])

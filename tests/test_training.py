@@ -53,10 +53,9 @@ def test_mpo_stage_plan_transitions_and_resume():
     assert resumed.transitions == [(50, 1)]
 
 
-def test_mpo_stages_in_epochs_long_ramp_or_modality_dropout():
-    """Trained in epochs, the last MPO stage runs until early stopping. By default its ramp spans its share of the
-    whole budget (measured best: it acts as modality dropout); with `modality_dropout` the ramp ends within one
-    stage and the named modality is then left out of that share of the examples."""
+def test_mpo_stages_in_epochs_long_ramp():
+    """Trained in epochs, the last MPO stage runs until early stopping, and its ramp spans its share of the whole
+    budget (measured best: it acts as modality dropout on `id`)."""
     from modeling_speeder.recipes import mpo_stages_in_steps
 
     model, _ = make_tiny("llama")  # modalities text, image, id
@@ -67,17 +66,10 @@ def test_mpo_stages_in_epochs_long_ramp_or_modality_dropout():
     default._apply(model, 1000, 3000)  # ramp over half of 2980 steps
     assert model.model.modality_keep_prob[2].item() == pytest.approx(981 / 1490)
 
-    dropout = SpeederMPOCallback(mpo_stages_in_steps(model.config.mpo_stages, stage_steps=10,
-                                                     modality_dropout={"id": 0.7}))
-    dropout._trainable = trainable
-    dropout._apply(model, 22, 3000)  # 3 steps into a ramp of 5
-    assert model.model.modality_keep_prob[2].item() == pytest.approx(3 / 5 * 0.3)
-    dropout._apply(model, 1000, 3000)
-    assert model.model.modality_keep_prob.tolist() == pytest.approx([1.0, 1.0, 0.3])
     assert model.model.active_modalities.all()  # inference uses every modality
-    fixed = mpo_stages_in_steps(model.config.mpo_stages, stage_steps=None, modality_dropout={"id": 0.5})
+    fixed = mpo_stages_in_steps(model.config.mpo_stages, stage_steps=None)
     assert [s.get("share") for s in fixed] == [s["share"] for s in model.config.mpo_stages]  # a max_steps budget
-    assert "steps" not in fixed[0] and fixed[-1]["dropout"] == {"id": 0.5}
+    assert "steps" not in fixed[0]
 
 
 def test_mpo_trainable_groups_and_skipped_stage(caplog):
