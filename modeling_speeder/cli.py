@@ -466,6 +466,17 @@ def add_items_command(args):
                       "modalities": {m: int(mask.sum()) for m, mask in presence.items()}}))
 
 
+def recommend_command(args):
+    """Top-k recommendations for every history of a file, one JSON line per user, written atomically."""
+    from .recommendation import read_histories, recommend_to_file
+
+    model, processor = load_checkpoint(args.model)
+    rows = read_histories(args.input, args.split)
+    count = recommend_to_file(model, processor, rows, args.output, top_k=args.top_k, candidates=args.candidates,
+                              exclude_history=not args.include_history, batch_size=args.batch_size)
+    print(json.dumps({"users": count, "top_k": args.top_k, "output": args.output}))
+
+
 def load_checkpoint(path: str):
     """(model, processor) from a checkpoint folder or hub id, with an error that says what was looked for: a path
     that does not exist here is reported as such, not as an invalid hub id."""
@@ -675,6 +686,18 @@ def build_parser():
     p.add_argument("--text-encoder", default=None, help="the text encoder of the catalog's features (all-MiniLM-L6-v2)")
     p.add_argument("--image-encoder", default=None, help="the image encoder of the catalog's features, if any")
     p.set_defaults(run=add_items_command)
+
+    p = commands.add_parser("recommend", help="top-k recommendations for a file of histories -> JSONL, one line per user")
+    p.add_argument("--model", required=True, help="a checkpoint folder (model + processor) or hub id")
+    p.add_argument("--input", required=True, help="JSONL (user_id, history, optional candidates), a CSV of interactions "
+                                                  "(user_id, item_id, optional timestamp) or a dataset folder")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="with a dataset folder")
+    p.add_argument("--output", required=True, help="the JSONL file to write (atomically)")
+    p.add_argument("--top-k", type=POSITIVE_INT, default=10, help="recommendations per user")
+    p.add_argument("--candidates", action="store_true", help="rank each row's candidates instead of the whole catalog")
+    p.add_argument("--include-history", action="store_true", help="may recommend items of the user's history")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="histories per forward pass")
+    p.set_defaults(run=recommend_command)
 
     p = commands.add_parser("evaluate", help="evaluate a checkpoint: report.json and PNG plots")
     p.add_argument("--config", help="YAML or JSON file with any of these options")

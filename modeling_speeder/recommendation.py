@@ -136,4 +136,69 @@ def recommend(model, histories, candidates=None, top_k: int = 10, processor=None
     return results
 
 
-__all__ = ["catalog_topk", "check_histories", "check_processor", "exclude_history", "recommend"]
+def read_histories(source, split: str = "test"):
+    """The histories of a file as a `datasets.Dataset` (memory-mapped, read in chunks) with `user_id`, `history` and,
+    where the input has them, `candidates`: JSONL rows {"user_id", "history": [...], "candidates": [...]}; a CSV of
+    interactions (user_id, item_id, optional timestamp), grouped per user in time order (ties and no timestamp: file
+    order); or a canonical dataset folder's `split` (`speeder convert`)."""
+    import csv
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    path = Path(source)
+    if path.is_dir():
+        if not (path / f"{split}.parquet").is_file():
+            raise ValueError(f"--input {path}: no {split}.parquet; expected a dataset folder from `speeder convert`")
+        return Dataset.from_parquet(str(path / f"{split}.parquet"))
+    if path.suffix not in (".jsonl", ".csv") or not path.is_file():
+        raise ValueError(f"--input {path}: expected an existing .jsonl or .csv file, or a dataset folder")
+    if path.suffix == ".jsonl":
+        rows = Dataset.from_json(str(path))
+        if "history" not in rows.column_names:
+            raise ValueError(f"--input {path}: no history field (fields: {rows.column_names})")
+        return rows if "user_id" in rows.column_names else rows.add_column("user_id", [str(i) for i in range(len(rows))])
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not {"user_id", "item_id"} <= set(reader.fieldnames or []):
+            raise ValueError(f"--input {path}: expected user_id and item_id columns, got {reader.fieldnames}")
+        events = {}
+        for line, row in enumerate(reader, start=2):
+            try:
+                when = float(row["timestamp"]) if row.get("timestamp") not in (None, "") else 0.0
+            except ValueError:
+                raise ValueError(f"{path}, line {line}: timestamp {row['timestamp']!r} is not a number") from None
+            events.setdefault(row["user_id"], []).append((when, line, row["item_id"]))
+    return Dataset.from_dict({"user_id": list(events), "history": [[i for *_, i in sorted(e)] for e in events.values()]})
+
+
+def recommend_to_file(model, processor, rows, output, top_k: int = 10, candidates: bool = False,
+                      exclude_history: bool = True, batch_size: int = 64, chunk_rows: int = 4096) -> int:
+    """`recommend` for every row of `rows` (`read_histories`), one JSON line per row ({"user_id", "item_ids",
+    "scores"}) in `output`, written atomically: a killed run leaves the previous file. Rows are read `chunk_rows` at a
+    time, so memory stays bounded by the chunk and the catalog's item cache. Returns the number of rows."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .atomic_files import write_atomically
+
+    if candidates and "candidates" not in rows.column_names:
+        raise ValueError("--candidates: the input has no candidates field")
+
+    def write(partial):
+        with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(rows), unit="user", desc="recommend") as bar:
+            for start in range(0, len(rows), chunk_rows):
+                chunk = rows[start : start + chunk_rows]
+                ranked = recommend(model, chunk["history"], chunk["candidates"] if candidates else None, top_k=top_k,
+                                   processor=processor, exclude_history=exclude_history, batch_size=batch_size)
+                for user, result in zip(chunk["user_id"], ranked):
+                    f.write(json.dumps({"user_id": user, **result}) + "\n")
+                bar.update(len(ranked))
+
+    write_atomically(output, write)
+    return len(rows)
+
+
+__all__ = ["catalog_topk", "check_histories", "check_processor", "exclude_history", "read_histories", "recommend",
+           "recommend_to_file"]
