@@ -68,6 +68,7 @@ def main():
     from transformers import set_seed
 
     from modeling_speeder import recipes, register
+    from modeling_speeder.arguments import DemoArguments
     from modeling_speeder.atomic_files import write_text_atomically
     from modeling_speeder.cli import DEMO_SELECTION_ROWS
     from modeling_speeder.conversion.build import add_items
@@ -99,13 +100,11 @@ def main():
     set_seed(args.seed)
     overrides = dict(args.overrides)
     train_overrides = overrides.pop("train", {})
-    model, processor, _ = recipes.build_for_dataset(output / "data-known", max_history=50, sasrec=sasrec, seed=args.seed,
-                                                    **overrides)
+    model, processor, _ = recipes.build_for_dataset(output / "data-known", sasrec=sasrec, seed=args.seed, **overrides)
+    # The demo's recipe (DemoArguments' defaults), trained on the known items.
     speeder_report = recipes.train(
-        model, processor, known_splits, output / "speeder", **{
-            "epochs": args.epochs, "seed": args.seed, "selection_rows": selection_rows, "teacher": sasrec,
-            "distillation_weight": recipes.DISTILLATION_WEIGHT, "distillation_min_count": recipes.DISTILLATION_MIN_COUNT,
-            "report_splits": ("validation",), **train_overrides})
+        model, processor, known_splits, output / "speeder", DemoArguments(), teacher=sasrec, report_splits=("validation",),
+        **{"epochs": args.epochs, "seed": args.seed, "selection_rows": selection_rows, **train_overrides})
     add_items(model, processor, held_ids, {m: x[held_rows] for m, x in features.items()},
               {m: p[held_rows] for m, p in presence.items()})
 

@@ -5,27 +5,18 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields, replace
 
-
-def _number(kind, low, low_inclusive=True, high=None):
-    """An argparse type: `kind` (int or float) in [low, high) (or (low, high) when not low_inclusive), with an error that
-    names the value and what was expected."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if value < low or (value == low and not low_inclusive) or (high is not None and value >= high):
-            bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text!r}")
-        return value
-
-    return parse
-
-
-POSITIVE_INT, NON_NEGATIVE_INT = _number(int, 1), _number(int, 0)
+from .arguments import (
+    NON_NEGATIVE_INT,
+    NUM_NEGATIVES,
+    POSITIVE_INT,
+    BuildArguments,
+    DemoArguments,
+    TrainArguments,
+    add_arguments,
+    settings_from,
+)
 
 
 def _feature_dims(text: str) -> dict[str, int]:
@@ -37,26 +28,6 @@ def _feature_dims(text: str) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"expected modality=width pairs such as text=512,image=512, got {part!r}")
         dims[modality.strip()] = int(width)
     return dims
-
-
-SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")  # recipes.SELECTION_METRICS (it imports torch)
-SELECTION_METRIC = "full_ndcg@10"  # recipes.train's default
-CATALOG_ID_DROPOUT = 0.3  # recipes.CATALOG_ID_DROPOUT
-CATALOG_ID_DROPOUT_HELP = ("share of the catalog head's item vectors computed without their id modality while training, "
-                           "as an item added later (speeder add-items) is scored")
-DISTILLATION_WEIGHT = 1.0  # recipes.DISTILLATION_WEIGHT
-EARLY_STOPPING_THRESHOLD = 0.001  # recipes.EARLY_STOPPING_THRESHOLD
-CATALOG_NEGATIVES_HELP = ("catalog head: sampled softmax over the batch's positives plus this many drawn items (logQ-"
-                          "corrected); 0: the full softmax; default: by catalog size (recipes.default_catalog_negatives)")
-EARLY_STOPPING_HELP = "the least validation gain that counts as an improvement for early stopping"
-DISTILLATION_MIN_COUNT = 6  # recipes.DISTILLATION_MIN_COUNT
-DISTILLATION_MIN_COUNT_HELP = ("items with fewer training interactions are left out of the distilled distributions "
-                               "(the teacher knows little of them; 0: every item)")
-DISTILLATION_HELP = ("weight of the distillation loss from the SASRec baseline's next-item distributions (KL at every "
-                     "training prefix, beside the dense loss; 0: none)")
-SELECTION_HELP = ("validation metric that picks the checkpoint and stops training: NDCG@10 or HR@10 on the whole "
-                  "catalog with the history excluded (as SASRec is selected), or NDCG@10 on the stored candidates")
-POSITIVE_FLOAT, NON_NEGATIVE_FLOAT, DROPOUT = _number(float, 0, False), _number(float, 0), _number(float, 0, high=1)
 
 
 def quickstart(args):
@@ -126,16 +97,15 @@ def demo(args):
     print(json.dumps({k: v for k, v in stats.items() if k != "source"}))
     print("[2/4] training SASRec on every training target, selected on validation; its item embeddings become "
           "Speeder's collaborative (id) features")
+    from . import __version__
     from .conversion.datasets import load_canonical
 
     splits, items, _, _ = load_canonical(output / "data")
+    settings = replace(settings_from(args, DemoArguments), selection_rows=selection_rows)
     set_seed(args.seed)
     # Trained once per dataset and settings: a rerun loads it from outputs/.../sasrec (selection stays on validation).
-    from . import __version__
-
     key = {"data": (output / "data" / "stats.json").read_text(encoding="utf-8"), "speeder": __version__,
-           "epochs": args.sasrec_epochs,
-           "seed": args.seed, "selection_rows": selection_rows, "eval_rows": args.eval_rows}
+           "epochs": args.sasrec_epochs, "seed": args.seed, "selection_rows": selection_rows, "eval_rows": args.eval_rows}
     sasrec, sasrec_model, cached = recipes.cached_sasrec_baseline(
         output / "sasrec", key, splits, items["item_id"], epochs=args.sasrec_epochs, eval_rows=args.eval_rows,
         seed=args.seed, selection_rows=selection_rows)
@@ -146,14 +116,9 @@ def demo(args):
     print("[3/4] building a small Speeder and training it with transformers.Trainer through the MPO stages, "
           "selected on validation")
     set_seed(args.seed)
-    model, processor, splits = recipes.build_for_dataset(output / "data", max_history=args.max_history,
-                                                         sasrec=sasrec_model, seed=args.seed)
-    report = recipes.train(model, processor, splits, output, epochs=args.epochs, batch_size=args.batch_size,
-                           eval_rows=args.eval_rows, selection_rows=selection_rows, seed=args.seed,
-                           learning_rate=args.lr, selection_metric=args.selection_metric,
-                           teacher=sasrec_model, distillation_weight=args.distillation_weight,
-                           distillation_min_count=args.distillation_min_count, catalog_negatives=args.catalog_negatives,
-                           early_stopping_threshold=args.early_stopping_threshold)
+    model, processor, splits = recipes.build_for_dataset(output / "data", sasrec=sasrec_model,
+                                                         build=settings_from(args, BuildArguments), seed=args.seed)
+    report = recipes.train(model, processor, splits, output, settings, teacher=sasrec_model)
     print(f"[4/4] Speeder: {report['steps']} steps ({report['epochs']} epochs) in {report['train_seconds']}s, best "
           f"checkpoint {Path(report['best_checkpoint'] or '-').name}")
     report["sasrec"] = sasrec
@@ -258,21 +223,13 @@ def features(args):
 
 def build(args):
     """Base LLM + dataset folder (items, features) -> a Speeder checkpoint and processor."""
-    from .conversion.build import build_speeder, load_backbone
-    from .conversion.datasets import load_canonical
+    from .conversion.build import load_backbone
+    from .recipes import build_for_dataset
 
     start = time.perf_counter()
-    _, items, feats, presence = load_canonical(args.data)
-    if not feats and not args.learned_id_dim:
-        raise SystemExit(f"{args.data} has no features: run `speeder features` first, or pass --learned-id-dim")
     backbone, tokenizer = load_backbone(args.backbone)
-    model, processor = build_speeder(
-        backbone, tokenizer, items["item_id"], feats, presence,
-        learned_id_dim=args.learned_id_dim, tokens_per_item=args.tokens_per_item, max_history=args.max_history,
-        expert_hidden_size=args.expert_hidden_size, seed=args.seed, item_dropout=args.item_dropout,
-        catalog_id_dropout=args.catalog_id_dropout,
-        catalog_item_bias=not args.no_item_bias,
-    )
+    model, processor, _ = build_for_dataset(args.data, backbone, tokenizer, build=settings_from(args, BuildArguments),
+                                            seed=args.seed)
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     print(json.dumps({"output": args.output, "backbone": args.backbone, "items": model.config.num_items,
@@ -280,34 +237,39 @@ def build(args):
                       "seconds": round(time.perf_counter() - start, 1)}, indent=2))
 
 
-def _load_config(args, parser, given: set[str]):
-    """Values from a YAML or JSON --config file, for every option not `given` on the command line."""
-    if not getattr(args, "config", None):
-        return args
+def _load_config(args, parser, given: set[str]) -> set[str]:
+    """Set the values of a YAML or JSON --config file on `args`, for every option not `given` on the command line;
+    returns the options the file sets. A key is an option's name (`lr`, `no-mpo`) or its field's (`learning_rate`)."""
     import yaml
 
     with open(args.config, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}  # YAML is a superset of JSON
     if not isinstance(values, dict):
         raise SystemExit(f"{args.config}: expected a mapping of option: value, got a {type(values).__name__}")
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions = [action for action in parser._actions if action.dest not in ("help", "config")]
+    by_flag = {flag: action for action in actions for flag in action.option_strings}
+    by_dest = {action.dest: action for action in actions if "--" + action.dest.replace("_", "-") not in by_flag}
+    from_file = set()
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
+        flag = by_flag.get("--" + str(key).replace("_", "-"))
+        action = flag or by_dest.get(str(key))
         if action is None:
             raise SystemExit(f"{args.config}: unknown option {key!r}")
-        if action.nargs == 0 and not isinstance(value, bool):  # a flag: "false" in quotes would read as true
-            raise SystemExit(f"{args.config}: {key}: expected true or false, got {value!r}")
-        if action.nargs != 0 and value is not None:  # the command line's own checks (ranges, choices)
+        if action.nargs == 0:  # a flag: "false" in quotes would read as true
+            if not isinstance(value, bool):
+                raise SystemExit(f"{args.config}: {key}: expected true or false, got {value!r}")
+            value = (action.const if value else action.default) if flag else value  # `no_mpo: true` or `mpo: false`
+        elif value is not None:  # the command line's own checks (ranges, choices)
             try:
                 value = action.type(str(value)) if action.type is not None else value
             except (argparse.ArgumentTypeError, ValueError) as err:
                 raise SystemExit(f"{args.config}: {key}: {err}") from err
             if action.choices is not None and value not in action.choices:
                 raise SystemExit(f"{args.config}: {key}: {value!r} is not one of {list(action.choices)}")
-        if dest not in given:  # the command line wins, also where it repeats a default
-            setattr(args, dest, value)
-    return args
+        if action.dest not in given:  # the command line wins, also where it repeats a default
+            setattr(args, action.dest, value)
+            from_file.add(action.dest)
+    return from_file
 
 
 def _given_on_command_line(argv, command: str) -> set[str]:
@@ -323,7 +285,7 @@ def _distillation_teacher(args):
     None without one (then training goes on without distillation, and says so) or with --distillation-weight 0."""
     from pathlib import Path
 
-    if not args.distillation_weight or args.head == "candidate":
+    if not args.distillation_weight:
         return None
     path = Path(args.teacher) if args.teacher else Path(args.data) / "sasrec"
     if not (path / "config.json").is_file():
@@ -342,12 +304,6 @@ def _distillation_teacher(args):
     return SASRecModel.from_pretrained(path, use_safetensors=True)
 
 
-# `speeder train` options that only shape a model it builds (without --model).
-BUILD_ONLY_FLAGS = ("backbone", "modalities", "learned_id_dim", "tokens_per_item", "max_history", "expert_hidden_size",
-                    "no_recency", "no_item_positions", "catalog_loss_weight", "item_dropout", "catalog_id_dropout",
-                    "no_item_bias")
-
-
 def train_command(args):
     """Train a Speeder on a canonical dataset with transformers.Trainer (MPO, optional LoRA), then evaluate."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -356,49 +312,28 @@ def train_command(args):
     from transformers import set_seed
 
     from . import recipes
-    from .conversion.build import build_speeder, load_backbone
+    from .conversion.build import load_backbone
     from .conversion.datasets import load_canonical
 
     set_seed(args.seed)  # the model's initial weights too, not only the Trainer's data order: a rerun is the same run
-    if args.model:  # a built checkpoint has its architecture: flags that would only shape a new build are an error
-        train_parser = build_parser()[1]["train"]
-        ignored = [f"--{dest.replace('_', '-')}" for dest in BUILD_ONLY_FLAGS
-                   if getattr(args, dest) != train_parser.get_default(dest)]
+    if args.model:  # a built checkpoint has its architecture: options that would only shape a new build are an error
+        given = getattr(args, "given", set())  # set explicitly, on the command line or in --config
+        ignored = [f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(BuildArguments) if f.name in given]
+        ignored += ["--backbone"] if "backbone" in given else []
         if ignored:
             raise ValueError(f"--model {args.model} is already built, so {', '.join(ignored)} would be ignored: drop "
                              "them, or build a new model (leave out --model, or `speeder build`)")
-    splits, items, feats, presence = load_canonical(args.data)
-    if args.model:
+        splits, _, _, _ = load_canonical(args.data)
         model, processor = load_checkpoint(args.model)
-        model.check_processor(processor)
     else:
-        wanted = set(args.modalities.split(",")) if args.modalities else None
-        if wanted:
-            feats = {m: x for m, x in feats.items() if m in wanted}
-            presence = {m: x for m, x in presence.items() if m in wanted}
-        learned_id = args.learned_id_dim if (wanted is None or "id" in wanted) and "id" not in feats else 0
         backbone, tokenizer = load_backbone(args.backbone)
-        model, processor = build_speeder(
-            backbone, tokenizer, items["item_id"], feats, presence, learned_id_dim=learned_id,
-            tokens_per_item=args.tokens_per_item, max_history=args.max_history, expert_hidden_size=args.expert_hidden_size,
-            use_recency_embeddings=not args.no_recency, item_level_position_ids=not args.no_item_positions,
-            catalog_loss_weight=args.catalog_loss_weight, seed=args.seed, item_dropout=args.item_dropout,
-            catalog_id_dropout=args.catalog_id_dropout,
-            catalog_item_bias=not args.no_item_bias,
-        )
+        model, processor, splits = recipes.build_for_dataset(args.data, backbone, tokenizer, seed=args.seed,
+                                                             build=settings_from(args, BuildArguments))
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
-    teacher = _distillation_teacher(args)
-    report = recipes.train(model, processor, splits, Path(args.output), epochs=args.epochs, max_steps=args.steps,
-                           batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, eval_rows=args.eval_rows,
-                           selection_rows=args.selection_rows, patience=args.patience, resume=args.resume,
-                           mpo=not args.no_mpo, lora_r=args.lora_r, gradient_accumulation_steps=args.grad_accum,
-                           save_steps=args.save_steps, head=args.head, packed=args.packed,
-                           selection_metric=args.selection_metric,
-                           teacher=teacher, distillation_weight=args.distillation_weight,
-                           distillation_min_count=args.distillation_min_count,
-                           catalog_negatives=args.catalog_negatives,
-                           early_stopping_threshold=args.early_stopping_threshold,
+    settings = settings_from(args, TrainArguments)
+    teacher = _distillation_teacher(args) if settings.head == "catalog-dense" else None
+    report = recipes.train(model, processor, splits, Path(args.output), settings, teacher=teacher,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)
     if report.get("diverged_at_step") is not None:
         print(f"WARNING: the training loss became non-finite at step {report['diverged_at_step']}: training stopped and "
@@ -567,10 +502,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def build_parser():
-    """(the `speeder` parser, its subcommand parsers by name)."""
+def build_parser(show_research: bool = False):
+    """(the `speeder` parser, its subcommand parsers by name); `show_research`: ablation knobs in --help too."""
     parser = argparse.ArgumentParser(prog="speeder", description="Speeder: fast multimodal-LLM sequential recommendation",
-                                     epilog="--debug (anywhere) shows the full traceback of an error")
+                                     epilog="--debug (anywhere) shows the full traceback of an error; "
+                                            "<command> --help-all also lists the ablation and research options")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("quickstart", help="build a tiny model, save, reload with AutoModel, and recommend")
     p.add_argument("--output", default="outputs/quickstart", help="folder for the tiny checkpoint")
@@ -597,7 +533,7 @@ def build_parser():
                         "has no header to check its size against")
     p.add_argument("--k-core", type=POSITIVE_INT, default=5,
                    help="amazon2023: keep users and items with at least this many interactions")
-    p.add_argument("--negatives", type=POSITIVE_INT, default=19,  # evaluation.NUM_NEGATIVES (it imports torch)
+    p.add_argument("--negatives", type=POSITIVE_INT, default=NUM_NEGATIVES,
                    help="stored negatives per validation / test row (candidates = 1 + this)")
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights, data order and negatives")
     p.add_argument("--output", required=True, help="the folder to write")
@@ -617,67 +553,23 @@ def build_parser():
     p.add_argument("--backbone", required=True,
                    help="tiny-<llama|qwen2|qwen3|mistral|gemma>, smollm2, a .gguf file, a folder or a hub id")
     p.add_argument("--output", required=True, help="the folder to write")
-    p.add_argument("--tokens-per-item", type=POSITIVE_INT, default=1, help="K soft tokens per item (MRC)")
-    p.add_argument("--max-history", type=POSITIVE_INT, default=50, help="most recent history items in the prompt")
-    p.add_argument("--learned-id-dim", type=NON_NEGATIVE_INT, default=0,
-                   help="a learned id table of this size when the data has no id features (0: none)")
-    p.add_argument("--expert-hidden-size", type=POSITIVE_INT, default=256, help="hidden width of each modality expert")
+    add_arguments(p, BuildArguments, show_research)
     p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds the new weights; stored in the config as build_seed")
-    p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
-    p.add_argument("--catalog-id-dropout", type=DROPOUT, default=CATALOG_ID_DROPOUT, help=CATALOG_ID_DROPOUT_HELP)
-    p.add_argument("--no-item-bias", action="store_true", help="no per-item bias on catalog-head scores")
     p.set_defaults(run=build)
     p = commands.add_parser("train", help="train with transformers.Trainer through MPO, then evaluate")
     p.add_argument("--config", help="YAML or JSON file with any of these options")
     p.add_argument("--data", required=False, help="a canonical dataset folder (`speeder convert`)")
     p.add_argument("--model", help="a checkpoint folder from `speeder build`; else one is built from --backbone")
     p.add_argument("--backbone", default="tiny-llama",
-                   help="tiny-<family>, smollm2, a .gguf file, a folder or a hub id (ignored with --model)")
+                   help="tiny-<family>, smollm2, a .gguf file, a folder or a hub id (not with --model)")
     p.add_argument("--output", default="outputs/train",
                    help="folder for the checkpoint, report.json, plots and trainer checkpoints")
-    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=30, help="most epochs; early stopping on validation ends sooner")
-    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="a fixed budget of optimiser steps instead of --epochs")
-    p.add_argument("--patience", type=NON_NEGATIVE_INT, default=3,
-                   help="evaluations without validation gain before stopping (0: never)")
-    p.add_argument("--selection-rows", type=POSITIVE_INT, default=None, help="validation users scored for selection (all)")
-    p.add_argument("--selection-metric", default=SELECTION_METRIC, choices=SELECTION_METRICS, help=SELECTION_HELP)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training rows per step")
-    p.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
-    p.add_argument("--save-steps", type=POSITIVE_INT, default=None,
-                   help="evaluate and checkpoint every N steps (default: every epoch)")
-    p.add_argument("--lora-r", type=NON_NEGATIVE_INT, default=0, help="LoRA rank on the backbone (0 = full fine-tuning)")
-    p.add_argument("--no-mpo", action="store_true", help="ablation: all modalities from step 0")
-    p.add_argument("--no-recency", action="store_true", help="ablation: no SPAE recency embeddings")
-    p.add_argument("--no-item-positions", action="store_true", help="ablation: plain token position ids")
-    p.add_argument("--modalities", default=None, help="ablation: comma-separated subset of text,image,id")
-    p.add_argument("--learned-id-dim", type=NON_NEGATIVE_INT, default=64,
-                   help="a learned id table of this size when the data has no id features (0: none)")
-    p.add_argument("--tokens-per-item", type=POSITIVE_INT, default=1, help="K soft tokens per item (MRC)")
-    p.add_argument("--max-history", type=POSITIVE_INT, default=50, help="most recent history items in the prompt")
-    p.add_argument("--expert-hidden-size", type=POSITIVE_INT, default=256, help="hidden width of each modality expert")
-    p.add_argument("--catalog-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.0,
-                   help="with --head candidate: weight of a joint full-catalog loss")
-    p.add_argument("--item-dropout", type=DROPOUT, default=0.2, help="dropout on item tokens while training")
-    p.add_argument("--catalog-id-dropout", type=DROPOUT, default=CATALOG_ID_DROPOUT, help=CATALOG_ID_DROPOUT_HELP)
-    p.add_argument("--no-item-bias", action="store_true", help="ablation: no per-item bias on catalog-head scores")
-    p.add_argument("--head", default="catalog-dense", choices=["catalog-dense", "candidate"],
-                   help="candidate: 20-candidate cross-entropy per prefix; catalog-dense: full softmax, all prefixes per pass")
-    p.add_argument("--packed", action="store_true",
-                   help="with --head catalog-dense: padding-free batches (FlashAttention varlen, flex_attention)")
-    p.add_argument("--catalog-negatives", type=NON_NEGATIVE_INT, default=None, help=CATALOG_NEGATIVES_HELP)
-    p.add_argument("--early-stopping-threshold", type=NON_NEGATIVE_FLOAT, default=EARLY_STOPPING_THRESHOLD,
-                   help=EARLY_STOPPING_HELP)
-    p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
-    p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
-                   help=DISTILLATION_MIN_COUNT_HELP)
+    add_arguments(p, TrainArguments, show_research)
+    add_arguments(p, BuildArguments, show_research)
     p.add_argument("--teacher", default=None,
                    help="a saved SASRec folder to distil from (default: <data>/sasrec, from `speeder features --collaborative`)")
     p.add_argument("--attn-implementation", default=None,
                    help="backbone attention: eager, sdpa (default), flex_attention, flash_attention_2, a hub kernel")
-    p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only (all)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <output>/trainer")
-    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds weights, data order and negatives")
     p.set_defaults(run=train_command)
     p = commands.add_parser("add-items", help="add new items to a trained checkpoint's catalog, without retraining")
     p.add_argument("--model", required=True, help="a checkpoint folder (model + processor)")
@@ -724,26 +616,9 @@ def build_parser():
             p.add_argument("--overwrite", action="store_true", help="replace a file `speeder card` did not write")
         p.set_defaults(run=run)
     p = commands.add_parser("demo", help="convert a real dataset, train SASRec and Speeder to convergence, evaluate (no network)")
-    p.add_argument("--dataset", default="auto", choices=["auto", "ml-100k", "scientific", "beauty"],
-                   help="auto: scientific when ../shared/data has it, else MovieLens-100k from the recbole wheel")
     p.add_argument("--output", default="outputs/demo", help="folder for data, checkpoint, report.json and plots")
-    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=40,
-                   help="most Speeder epochs; early stopping on validation ends sooner")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="training windows per step")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (linear decay)")
-    p.add_argument("--max-history", type=POSITIVE_INT, default=50, help="history items in the prompt (SASRec keeps 50 too)")
-    p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping ends sooner")
-    p.add_argument("--selection-rows", type=POSITIVE_INT, default=None,
-                   help="validation users scored for model selection (default: all; 5,000 on beauty)")
-    p.add_argument("--selection-metric", default=SELECTION_METRIC, choices=SELECTION_METRICS, help=SELECTION_HELP)
-    p.add_argument("--distillation-weight", type=NON_NEGATIVE_FLOAT, default=DISTILLATION_WEIGHT, help=DISTILLATION_HELP)
-    p.add_argument("--distillation-min-count", type=NON_NEGATIVE_INT, default=DISTILLATION_MIN_COUNT,
-                   help=DISTILLATION_MIN_COUNT_HELP)
-    p.add_argument("--catalog-negatives", type=NON_NEGATIVE_INT, default=None, help=CATALOG_NEGATIVES_HELP)
-    p.add_argument("--early-stopping-threshold", type=NON_NEGATIVE_FLOAT, default=EARLY_STOPPING_THRESHOLD,
-                   help=EARLY_STOPPING_HELP)
-    p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only")
-    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seeds data order, initial weights and negatives")
+    add_arguments(p, DemoArguments, show_research)  # --selection-rows defaults to 5,000 on beauty (DEMO_SELECTION_ROWS)
+    add_arguments(p, BuildArguments, show_research)
     p.set_defaults(run=demo)
     for command in commands.choices.values():  # every command's --help shows the defaults
         command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
@@ -752,10 +627,13 @@ def build_parser():
 
 def run(argv=None):
     """Parse `argv` and run the command; errors propagate (for callers and tests)."""
-    parser, commands = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_research = "--help-all" in argv
+    parser, commands = build_parser(show_research)
+    args = parser.parse_args([("--help" if a == "--help-all" else a) for a in argv])
+    given = _given_on_command_line(argv, args.command) if args.command == "train" or getattr(args, "config", None) else set()
     if getattr(args, "config", None):
-        args = _load_config(args, commands[args.command], _given_on_command_line(argv, args.command))
+        given |= _load_config(args, commands[args.command], given)
     required = {"train": ("data",), "evaluate": ("data", "model")}.get(args.command, ())
     missing = [flag for flag in required if getattr(args, flag) is None]
     if missing:
@@ -763,6 +641,7 @@ def run(argv=None):
     from . import register
 
     register()  # torch and transformers only now that the arguments are known to be valid
+    args.given = given  # what `speeder train --model` checks
     args.run(args)
 
 

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .arguments import COLD_ITEM_MAX_COUNT, NUM_NEGATIVES
 from .recommendation import exclude_history
 
-NUM_NEGATIVES = 19  # protocol P: the target plus 19 seeded negatives, 20 candidates
 HISTORY_BUCKETS = ((1, 5), (6, 10), (11, 20), (21, 50), (51, None))
-COLD_ITEM_MAX_COUNT = 5  # a target item with at most this many training interactions is "cold"
 
 
 def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:

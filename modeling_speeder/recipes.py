@@ -3,11 +3,14 @@
 import json
 import logging
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import EarlyStoppingCallback, TrainingArguments
 
+from .arguments import BuildArguments, TrainArguments
 from .atomic_files import folder_written_atomically, write_text_atomically
 from .conversion.build import build_speeder, load_backbone
 from .conversion.datasets import (
@@ -20,7 +23,6 @@ from .conversion.datasets import (
 )
 from .conversion.features import collaborative_features, encode_texts
 from .evaluation import (
-    COLD_ITEM_MAX_COUNT,
     NUM_NEGATIVES,
     popularity_baseline,
     ranking_metrics,
@@ -101,26 +103,32 @@ def dataset_summary(data_dir: Path, name: str | None = None) -> dict:
     return {"name": name, **{k: v for k, v in stats.items() if k not in ("source", "seconds")}}
 
 
-def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, learned_id_dim=64, sasrec=None, **config_kwargs):
-    """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given.
-    sasrec: a SASRec trained on the training split, whose item embeddings become the `id` modality (present for items
-    seen in training, and for items with no other feature); without it a learned id table of `learned_id_dim` plays
-    that role."""
+def build_for_dataset(data_dir: Path, backbone=None, tokenizer=None, sasrec=None, build: BuildArguments | None = None,
+                      seed: int = 0, **config_kwargs):
+    """Model and processor for a canonical dataset folder; a tiny random Llama backbone unless one is given. `build`
+    (`arguments.BuildArguments`) shapes the model; any of its fields, or another SpeederConfig field, may also be given
+    as keywords. sasrec: a SASRec trained on the training split, whose item embeddings become the `id` modality
+    (present for items seen in training, and for items with no other feature); without it (and without `id` features
+    in the folder) a learned id table of `build.learned_id_dim` plays that role."""
+    names = {f.name for f in fields(BuildArguments)}
+    build = replace(build or BuildArguments(), **{k: config_kwargs.pop(k) for k in list(config_kwargs) if k in names})
     splits, items, features, presence = load_canonical(data_dir)
-    config_kwargs.setdefault("max_history", 50)  # as `speeder train`, `speeder build` and the demo (and SASRec's window)
-    config_kwargs.setdefault("item_dropout", 0.2)  # as SASRec's embedding dropout: without it the small model overfits
-    config_kwargs.setdefault("catalog_id_dropout", CATALOG_ID_DROPOUT)
-    config_kwargs.setdefault("catalog_item_bias", True)  # popularity prior of the catalog head (bench/earlier-runs.md)
     if sasrec is not None:
         index = {item: row for row, item in enumerate(items["item_id"])}
         train_sequences = [[index[i] for i in h] for h in splits["validation"]["history"]]
         # Items never in training get no `id` row, unless they have nothing else (build_speeder keeps theirs then).
         features["id"], presence["id"], _ = collaborative_features(train_sequences, len(index), model=sasrec)
-        learned_id_dim = 0
+    wanted = set(build.modalities.split(",")) if build.modalities else {"text", "image", "id"}
+    features = {m: x for m, x in features.items() if m in wanted}
+    presence = {m: x for m, x in presence.items() if m in wanted}
+    learned_id_dim = build.learned_id_dim if "id" in wanted and "id" not in features else 0
+    if not features and not learned_id_dim:
+        raise ValueError(f"{data_dir} has no features of {sorted(wanted)}: run `speeder features` first, or give a "
+                         "learned id table (learned_id_dim)")
     if backbone is None:
         backbone, tokenizer = load_backbone("tiny-llama")  # 2 layers, hidden 128, word-level tokenizer
-    model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence,
-                                     learned_id_dim=learned_id_dim, **config_kwargs)
+    model, processor = build_speeder(backbone, tokenizer, items["item_id"], features, presence, seed=seed,
+                                     learned_id_dim=learned_id_dim, **{**build.config_kwargs(), **config_kwargs})
     return model, processor, splits
 
 
@@ -174,25 +182,8 @@ def default_catalog_negatives(num_items: int) -> int:
     return 0 if num_items < SAMPLED_SOFTMAX_FROM else SAMPLED_NEGATIVES
 
 
-# Early stopping counts a validation gain only above this: whole-catalog NDCG@10 can creep up by about 0.001 an epoch
-# for many epochs, far below its standard error (about 0.005 on 3,000 users). On Scientific the threshold changes
-# nothing (the run's gains are larger); 0.002 would stop it 3 epochs early at 0.003 less (BENCHMARKS.md, "Catalog
-# size and the sampled softmax").
-EARLY_STOPPING_THRESHOLD = 0.001
 SAMPLED_SOFTMAX_FROM = 10_000
 SAMPLED_NEGATIVES = 1024
-HEADS = ("catalog-dense", "candidate")
-SELECTION_METRICS = ("ndcg@10", "full_ndcg@10", "full_hr@10")
-# The recipe's share of catalog item vectors scored without `id` while training (SpeederConfig.catalog_id_dropout):
-# on the new-item protocol (Scientific validation) 0.3 beat 0 and 0.6 on new and known items alike (BENCHMARKS.md).
-CATALOG_ID_DROPOUT = 0.3
-# The demo's and `speeder train`'s weight of the distillation loss from the SASRec baseline (bench/earlier-runs.md,
-# "Distillation from the SASRec baseline"); `train` itself distils only when given a teacher and a weight.
-DISTILLATION_WEIGHT = 1.0
-# ... and the fewest training interactions an item needs to be in the distilled distributions: cold items (at most
-# COLD_ITEM_MAX_COUNT) are left out, the teacher's low probability for them says more about their few interactions
-# than about the user (bench/earlier-runs.md, same section: better on both validation metrics, two seeds).
-DISTILLATION_MIN_COUNT = COLD_ITEM_MAX_COUNT + 1
 
 
 def check_teacher(teacher, processor):
@@ -212,168 +203,165 @@ def check_teacher(teacher, processor):
                          f"({processor.catalog_fingerprint}): same size, other item ids or order")
 
 
-def train(model, processor, splits, output: Path, epochs: float = 30, max_steps: int | None = None, batch_size=32,
-          learning_rate=1e-3, seed=0, eval_rows=None, selection_rows=None, patience: int = 3, resume=False, mpo=True,
-          mpo_stage_epochs: float = 1.0, lora_r=0, gradient_accumulation_steps=1, save_steps=None, head="catalog-dense",
-          packed=False, weight_decay: float = 0.01, warmup_ratio: float = 0.05, report_splits=("validation", "test"),
-          selection_metric: str = "full_ndcg@10", teacher=None, distillation_weight: float = 0.0,
-          distillation_min_count: int = 0, dataset: dict | None = None, catalog_negatives: int | None = None,
-          early_stopping_threshold: float = EARLY_STOPPING_THRESHOLD, **training_kwargs):
-    """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate validation and test.
+def train(model, processor, splits, output: Path, settings: TrainArguments | None = None, *, teacher=None,
+          dataset: dict | None = None, report_splits=("validation", "test"), **overrides) -> dict:
+    """Train with `transformers.Trainer` to convergence, selected on validation, then evaluate `report_splits` (the
+    test split is read here, once, after selection). `settings` (`arguments.TrainArguments`, which documents each
+    setting) says how; any of its fields, or of `transformers.TrainingArguments`, may also be given as keywords. The
+    (merged) best model and the processor go to output/model, report.json and plots to output.
 
-    The validation split is scored every epoch (`selection_rows` users, all by default), the best checkpoint on
-    `selection_metric` is kept (`load_best_model_at_end`) and training stops after `patience` evaluations without
-    improvement. selection_metric: "full_ndcg@10" (default) / "full_hr@10" (the whole catalog, history excluded, as
-    the SASRec baseline is selected; `SpeederTrainer` adds them to every evaluation) or "ndcg@10" (the stored
-    candidates, `compute_metrics`). With distillation the two validation curves part: the candidates peak early, the
-    whole catalog keeps rising for several epochs. Selected on the whole catalog, the runs in bench/earlier-runs.md
-    ("Selecting on the whole catalog, with warm-only distillation") gain on the whole catalog on Beauty (test full
-    NDCG@10 0.032 -> 0.047) and MovieLens-100k and are about level on Scientific, for 0.00-0.02 of validation
-    NDCG@10 on the candidates (on Beauty, test HR@1 falls to SASRec's level).
-    `max_steps` instead of `epochs` runs a fixed budget, evaluated every `save_steps`. The (merged) best model and the
-    processor go to output/model, report.json and plots to output.
-
-    head: "catalog-dense" (default; the catalog head, full softmax, every training target of every user once per
-    epoch through overlapping windows, one causal pass per window; the model then ranks candidate sets with the
-    catalog head too) or "candidate" (cross-entropy over the target and 19 fresh negatives in the prompt, one training
-    prefix per example; the paper's prompt, and the LLaRA-style comparisons').
-    mpo: the MPO stages; with `epochs`, the stages before the last one last `mpo_stage_epochs` each.
-    packed: with "catalog-dense", padding-free batches with explicit sequence boundaries (for FlashAttention's varlen
-    kernel and flex_attention; with eager / sdpa the block-diagonal mask costs more than the padding it saves).
-    dataset: a summary of the dataset (`dataset_summary`) recorded in the report, for the model card.
-    teacher: with "catalog-dense" and `distillation_weight` > 0, a `SASRecModel` trained on the training split whose
-    next-item distributions the catalog head is also fitted to (`SpeederTrainer`); `distillation_min_count` leaves
-    items with fewer training interactions out of both distributions (0: every item).
-    catalog_negatives: the catalog head's sampled softmax (`SpeederDataCollator.catalog_negatives`): the step's
-    positives plus this many items drawn uniformly per batch, logQ-corrected; 0 is the full softmax; None picks by
-    catalog size (`default_catalog_negatives`).
-    early_stopping_threshold: the least validation gain that resets the patience (transformers'
-    `EarlyStoppingCallback`), so a metric creeping up by noise-sized steps does not keep training going."""
-    from transformers import EarlyStoppingCallback, TrainingArguments
-
+    teacher: a `SASRecModel` of this catalog whose next-item distributions the catalog head is also fitted to
+    (`SpeederTrainer`), with weight `settings.distillation_weight`; none without one. dataset: a summary of the data
+    (`dataset_summary`) for the report and the model card."""
+    names = {f.name for f in fields(TrainArguments)}
+    settings = replace(settings or TrainArguments(), **{k: v for k, v in overrides.items() if k in names})
     output = Path(output)
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    if selection_metric not in SELECTION_METRICS:
-        raise ValueError(f"selection_metric must be one of {SELECTION_METRICS}, got {selection_metric!r}")
+    teacher = checked_teacher(model, processor, settings, teacher)
+    set_heads(model, settings.head)
+    trainer, mpo_callback, divergence = make_trainer(model, processor, splits, output, settings, teacher,
+                                                     {k: v for k, v in overrides.items() if k not in names})
+    checkpoint = None
+    if settings.resume:
+        checkpoint = last_complete_checkpoint(trainer.args.output_dir) if Path(trainer.args.output_dir).exists() else None
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.args.output_dir)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - start
+    model = trainer.model
+    if settings.lora_r:
+        model.save_pretrained(output / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output / "model")
+    processor.save_pretrained(output / "model")
+    report = training_report(trainer, settings, mpo_callback, divergence, train_seconds, checkpoint)
+    report.update({} if dataset is None else {"dataset": dataset})
+    if trainer.args.process_index == 0:
+        counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+        for split in report_splits:
+            report[split] = evaluate_split(model, processor, select(splits[split], settings.eval_rows), counts)
+        write_report(output, report)
+    return report
+
+
+def checked_teacher(model, processor, settings: TrainArguments, teacher):
+    """The teacher to distil from, or None (no teacher, or weight 0); raises where the settings do not fit together."""
     model.check_processor(processor)
-    dense = head == "catalog-dense"
-    if packed and not dense:
+    distill = teacher is not None and settings.distillation_weight > 0
+    if distill and settings.head != "catalog-dense":
+        raise ValueError(f"Distillation needs head='catalog-dense' (dense batches), got head={settings.head!r}")
+    if settings.packed and settings.head != "catalog-dense":
         raise ValueError("packed=True needs head='catalog-dense': candidate batches need the padded layout")
-    distill = teacher is not None and distillation_weight > 0
-    if distill and not dense:
-        raise ValueError(f"Distillation needs head='catalog-dense' (dense batches), got head={head!r}")
     if distill:
         check_teacher(teacher, processor)
-    if distill and teacher.config.max_length < model.config.max_history:
-        raise ValueError(f"The teacher reads {teacher.config.max_length} items but the model {model.config.max_history}")
-    if distillation_min_count < 0:
-        raise ValueError(f"distillation_min_count must be >= 0, got {distillation_min_count!r}")
-    if (max_steps is None or max_steps <= 0) and not epochs > 0:
-        raise ValueError(f"Give epochs > 0 or max_steps > 0, got epochs={epochs!r}, max_steps={max_steps!r}")
-    if dense:
+        if teacher.config.max_length < model.config.max_history:
+            raise ValueError(f"The teacher reads {teacher.config.max_length} items but the model {model.config.max_history}")
+    return teacher if distill else None
+
+
+def set_heads(model, head: str):
+    """The losses and the candidate-ranking head of `head`, in the config the checkpoint is saved with."""
+    if head == "catalog-dense":
         model.config.candidate_loss_weight, model.config.catalog_loss_weight = 0.0, 1.0
         model.config.candidate_ranking_head = "catalog"
     else:  # a checkpoint trained on the catalog head alone has weight 0 here: the candidate head would never learn
         model.config.candidate_ranking_head = "candidate"
         model.config.candidate_loss_weight = model.config.candidate_loss_weight or 1.0
+
+
+def make_trainer(model, processor, splits, output: Path, settings: TrainArguments, teacher, training_kwargs: dict):
+    """(SpeederTrainer, MPO callback or None, divergence callback): the training rows, collator, schedule, selection
+    and callbacks of `settings`; `training_kwargs` override any `TrainingArguments` field."""
+    dense = settings.head == "catalog-dense"
+    train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
+    args, mpo_callback = trainer_arguments(model, output, settings, train_rows, training_kwargs)
+    selection = select(splits["validation"], settings.selection_rows)
+    if args.train_sampling_strategy == "group_by_length":  # the Trainer then groups evaluation batches too: it needs lengths
+        selection = selection.add_column("length", [len(h) for h in selection["history"]])
+    divergence = StopOnNonFiniteLoss()
+    callbacks = [divergence] + ([mpo_callback] if mpo_callback else []) + (
+        [EarlyStoppingCallback(settings.patience, settings.early_stopping_threshold)] if settings.patience else [])
+    extra_metrics = None
+    if settings.selection_metric.startswith("full_"):
+        def extra_metrics(trained):  # candidates and the whole catalog (history excluded), one pass
+            metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
+            return {k: v for k, v in metrics.items() if isinstance(v, float)}
+    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+    min_count = settings.distillation_min_count
+    catalog_negatives = settings.catalog_negatives
     if catalog_negatives is None:
         catalog_negatives = default_catalog_negatives(model.config.num_items)
-    train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
     # Each dense row labels its history items from `first_labeled` on (the last one at the query token).
     labels_per_row = float(np.mean(np.array(train_rows["length"]) - np.array(train_rows["first_labeled"]))) if dense else None
-    steps_per_epoch = max(1, -(-len(train_rows) // (batch_size * gradient_accumulation_steps)))
-    fixed_budget = max_steps is not None and max_steps > 0
-    eval_every = save_steps or (max(1, max_steps // 4) if fixed_budget else steps_per_epoch)
-    if lora_r:
-        model = apply_lora(model, lora_r)
+    model = apply_lora(model, settings.lora_r) if settings.lora_r else model
+    collator = SpeederDataCollator(
+        processor, seed=settings.seed, dense=dense, packed=settings.packed, candidates_in_prompt=not dense,
+        dense_labels_per_row=labels_per_row, distillation=teacher is not None,
+        catalog_negatives=catalog_negatives if dense else 0, item_counts=counts,
+        modality_keep_probabilities=mpo_callback.keep_probabilities if mpo_callback else None)
+    trainer = SpeederTrainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
+        teacher=teacher, distillation_weight=settings.distillation_weight if teacher is not None else 0.0,
+        distillation_items=torch.from_numpy(counts >= min_count) if teacher is not None and min_count else None,
+        data_collator=collator, processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks)
+    return trainer, mpo_callback, divergence
+
+
+def trainer_arguments(model, output: Path, settings: TrainArguments, train_rows, training_kwargs: dict):
+    """(TrainingArguments, MPO callback or None) of `settings`: evaluated and checkpointed every epoch (or every
+    `save_steps`, or a quarter of a fixed `max_steps` budget), the best checkpoint on `selection_metric` kept."""
+    dense = settings.head == "catalog-dense"
+    steps_per_epoch = max(1, -(-len(train_rows) // (settings.batch_size * settings.gradient_accumulation_steps)))
+    fixed_budget = settings.max_steps is not None
+    eval_every = settings.save_steps or (max(1, settings.max_steps // 4) if fixed_budget else steps_per_epoch)
     defaults = dict(
-        output_dir=str(output / "trainer"), per_device_train_batch_size=batch_size, per_device_eval_batch_size=256,
-        max_steps=max_steps if fixed_budget else -1, num_train_epochs=epochs, learning_rate=learning_rate,
-        warmup_steps=warmup_ratio, weight_decay=weight_decay, logging_steps=max(1, min(eval_every, steps_per_epoch) // 4),
+        output_dir=str(output / "trainer"), per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=256, max_steps=settings.max_steps if fixed_budget else -1,
+        num_train_epochs=settings.epochs, learning_rate=settings.learning_rate, warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay, logging_steps=max(1, min(eval_every, steps_per_epoch) // 4),
         eval_strategy="steps", eval_steps=eval_every, save_strategy="steps", save_steps=eval_every, save_total_limit=2,
-        load_best_model_at_end=True, metric_for_best_model=selection_metric, greater_is_better=True,
-        remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=seed,
-        gradient_accumulation_steps=gradient_accumulation_steps, dataloader_num_workers=0,
+        load_best_model_at_end=True, metric_for_best_model=settings.selection_metric, greater_is_better=True,
+        remove_unused_columns=False, label_names=["labels", "catalog_labels"], report_to=[], seed=settings.seed,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss must reach the logs (and StopOnNonFiniteLoss), not be averaged away
         # Dense windows vary in length (most Amazon histories are short): batches of similar lengths pad less. Their
         # loss is normalised by a constant (`dense_labels_per_row`), so the objective stays the per-target mean.
         train_sampling_strategy="group_by_length" if dense else "random",
     )
-    stages = None
-    if mpo:
-        stage_steps = None if fixed_budget else max(1, round(mpo_stage_epochs * steps_per_epoch))
-        stages = mpo_stages_in_steps(model.config.mpo_stages, stage_steps)
-    mpo_callback = SpeederMPOCallback(stages) if mpo else None
-    if mpo:
+    mpo_callback = None
+    if settings.mpo:
+        stage_steps = None if fixed_budget else max(1, round(settings.mpo_stage_epochs * steps_per_epoch))
+        mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(model.config.mpo_stages, stage_steps))
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
         # trained before a modality was switched on must not win.
-        total = max_steps if fixed_budget else int(epochs * steps_per_epoch)
+        total = settings.max_steps if fixed_budget else int(settings.epochs * steps_per_epoch)
         defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
-    args = TrainingArguments(**{**defaults, **training_kwargs})  # any TrainingArguments field may be overridden
-    selection = select(splits["validation"], selection_rows)
-    if args.train_sampling_strategy == "group_by_length":  # the Trainer then groups evaluation batches too: it needs lengths
-        selection = selection.add_column("length", [len(h) for h in selection["history"]])
-    divergence = StopOnNonFiniteLoss()
-    callbacks = [divergence] + ([mpo_callback] if mpo else []) + (
-        [EarlyStoppingCallback(patience, early_stopping_threshold)] if patience else [])
-    extra_metrics = None
-    if selection_metric.startswith("full_"):
-        def extra_metrics(trained):  # candidates and the whole catalog (history excluded), one pass
-            metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
-            return {k: v for k, v in metrics.items() if isinstance(v, float)}
-    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
-    distillation_items = torch.from_numpy(counts >= distillation_min_count) if distill and distillation_min_count else None
-    trainer = SpeederTrainer(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=selection, extra_metrics=extra_metrics,
-        teacher=teacher if distill else None, distillation_weight=distillation_weight if distill else 0.0,
-        distillation_items=distillation_items,
-        data_collator=SpeederDataCollator(processor, seed=seed, dense=dense, packed=packed, candidates_in_prompt=not dense,
-                                          dense_labels_per_row=labels_per_row, distillation=distill,
-                                          catalog_negatives=catalog_negatives if dense else 0, item_counts=counts,
-                                          modality_keep_probabilities=mpo_callback.keep_probabilities if mpo else None),
-        processing_class=processor, compute_metrics=compute_metrics, callbacks=callbacks,
-    )
-    checkpoint = None
-    if resume:
-        checkpoint = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).exists() else None
-        if checkpoint is None:
-            logger.warning("--resume: no checkpoint in %s, starting from step 0", args.output_dir)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - start
-    if lora_r:
-        model.save_pretrained(output / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(output / "model")
-    processor.save_pretrained(output / "model")
-    report = {"head": head, "catalog_items": model.config.num_items,
-              "train_seconds": round(train_seconds, 1), "steps": trainer.state.global_step,
-              "epochs": round(trainer.state.global_step / steps_per_epoch, 2), "training_rows": len(train_rows),
-              "best_checkpoint": trainer.state.best_model_checkpoint,
-              "selection_metric": selection_metric, "best_validation_metric": trainer.state.best_metric,
-              "examples_per_second": round(trainer.state.global_step * batch_size * gradient_accumulation_steps
-                                           / train_seconds, 1),
-              "catalog_loss": ({"softmax": "sampled", "negatives": catalog_negatives}
-                               if dense and 0 < catalog_negatives < model.config.num_items else {"softmax": "full"}),
-              "early_stopping_threshold": early_stopping_threshold,
-              "distillation": {"weight": distillation_weight, "min_count": distillation_min_count} if distill else None,
-              "resumed_from": checkpoint, "mpo_transitions": mpo_callback.transitions if mpo else [], "lora_r": lora_r,
-              "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
-                                "end": min(stage["end"], trainer.state.global_step), "ramp": stage.get("ramp", 0.0),
-                                "trainable": stage.get("trainable", [])}
-                               for stage in (mpo_callback.plan(model, total) if mpo else [])
-                               if stage["start"] < trainer.state.global_step],
-              "diverged_at_step": divergence.diverged_at,
-              "log_history": trainer.state.log_history}
-    if dataset is not None:
-        report["dataset"] = dataset
-    if args.process_index == 0:
-        for split in report_splits:  # the test split is read here, once, after selection
-            report[split] = evaluate_split(model, processor, select(splits[split], eval_rows), counts)
-        write_report(output, report)
-    return report
+    return TrainingArguments(**{**defaults, **training_kwargs}), mpo_callback
+def training_report(trainer, settings: TrainArguments, mpo_callback, divergence, train_seconds: float, resumed_from):
+    """What ran: steps, time, selection, the catalog loss, distillation and the MPO schedule as it was applied."""
+    state, config = trainer.state, unwrap_speeder(trainer.model).config
+    negatives = trainer.data_collator.catalog_negatives
+    steps_per_epoch = max(1, -(-len(trainer.train_dataset) // (settings.batch_size * settings.gradient_accumulation_steps)))
+    stages = mpo_callback.plan(trainer.model, state.max_steps) if mpo_callback else []
+    return {"head": settings.head, "catalog_items": config.num_items, "train_seconds": round(train_seconds, 1),
+            "steps": state.global_step, "epochs": round(state.global_step / steps_per_epoch, 2),
+            "training_rows": len(trainer.train_dataset), "best_checkpoint": state.best_model_checkpoint,
+            "selection_metric": settings.selection_metric, "best_validation_metric": state.best_metric,
+            "examples_per_second": round(state.global_step * settings.batch_size * settings.gradient_accumulation_steps
+                                         / train_seconds, 1),
+            "catalog_loss": ({"softmax": "sampled", "negatives": negatives} if 0 < negatives < config.num_items
+                             else {"softmax": "full"}),
+            "early_stopping_threshold": settings.early_stopping_threshold,
+            "distillation": {"weight": settings.distillation_weight, "min_count": settings.distillation_min_count}
+            if trainer.teacher is not None else None,
+            "resumed_from": resumed_from, "mpo_transitions": mpo_callback.transitions if mpo_callback else [],
+            "lora_r": settings.lora_r,
+            "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
+                              "end": min(stage["end"], state.global_step), "ramp": stage.get("ramp", 0.0),
+                              "trainable": stage.get("trainable", [])}
+                             for stage in stages if stage["start"] < state.global_step],
+            "diverged_at_step": divergence.diverged_at, "log_history": state.log_history}
 
 
 def select(data, rows):

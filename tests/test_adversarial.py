@@ -2,7 +2,6 @@
 is not a Speeder checkpoint fails before allocating anything, a diverged model never looks perfect, top_k and
 candidate arguments are validated."""
 
-import inspect
 import json
 from pathlib import Path
 
@@ -185,7 +184,7 @@ def test_the_command_line_wins_over_the_config_file_also_where_it_repeats_a_defa
     monkeypatch.setattr(cli, "train_command", lambda args: ran.update(vars(args)))  # build_parser reads it
     (tmp_path / "c.yaml").write_text("lr: 0.5\nbatch_size: 8\nno_mpo: true\n")
     cli.run(["train", "--data", "d", "--lr", "0.001", "--config", str(tmp_path / "c.yaml")])
-    assert ran["lr"] == 0.001 and ran["batch_size"] == 8 and ran["no_mpo"] is True
+    assert ran["learning_rate"] == 0.001 and ran["batch_size"] == 8 and ran["mpo"] is False
 
 
 @pytest.mark.parametrize(
@@ -308,27 +307,24 @@ def test_cli_help_and_argument_errors_do_not_import_torch():
         assert "torch" not in imported and "transformers" not in imported, argv
 
 
-def test_cli_default_negatives_is_the_protocol_constant():
-    """The command line spells the protocol's 19 negatives itself (it parses before torch is imported), and the
-    recipe's selection metrics and distillation defaults: keep them equal."""
+def test_cli_defaults_are_the_settings_dataclasses_defaults():
+    """The command line is generated from the typed settings: each option's default is its field's, and the protocol
+    constants and selection metrics have one home that imports no torch."""
+    import dataclasses
+
+    from modeling_speeder.arguments import NUM_NEGATIVES, SELECTION_METRICS, BuildArguments, DemoArguments, TrainArguments
     from modeling_speeder.cli import build_parser
-    from modeling_speeder.evaluation import NUM_NEGATIVES
-
-    parser, _ = build_parser()
-    assert parser.parse_args(["convert", "--format", "csv", "--output", "o"]).negatives == NUM_NEGATIVES
-    from modeling_speeder import cli, recipes
-
-    assert cli.SELECTION_METRICS == recipes.SELECTION_METRICS  # spelled twice for the same reason
-    assert cli.SELECTION_METRIC == inspect.signature(recipes.train).parameters["selection_metric"].default
-    assert parser.parse_args(["demo"]).selection_metric == cli.SELECTION_METRIC
     from modeling_speeder.conversion.hub import SELECTION_DESCRIPTIONS
 
-    assert set(SELECTION_DESCRIPTIONS) == set(recipes.SELECTION_METRICS)  # the model card names each one
-    assert cli.DISTILLATION_WEIGHT == recipes.DISTILLATION_WEIGHT
-    assert cli.CATALOG_ID_DROPOUT == recipes.CATALOG_ID_DROPOUT
-    assert cli.EARLY_STOPPING_THRESHOLD == recipes.EARLY_STOPPING_THRESHOLD
-    assert cli.DISTILLATION_MIN_COUNT == recipes.DISTILLATION_MIN_COUNT
-
+    parser, commands = build_parser()
+    assert parser.parse_args(["convert", "--format", "csv", "--output", "o"]).negatives == NUM_NEGATIVES
+    for command, classes in (("train", (TrainArguments, BuildArguments)), ("demo", (DemoArguments, BuildArguments)),
+                             ("build", (BuildArguments,))):
+        for cls in classes:
+            for field in dataclasses.fields(cls):
+                assert commands[command].get_default(field.name) == getattr(cls(), field.name), (command, field.name)
+    assert set(SELECTION_DESCRIPTIONS) == set(SELECTION_METRICS)  # the model card names each one
+    assert DemoArguments().epochs == 40 and TrainArguments().epochs == 30
 
 def test_concurrent_reader_always_finds_a_complete_checkpoint(tmp_path):
     """On Linux a save exchanges the new folder with the old one in one step (renameat2 RENAME_EXCHANGE): a reader
@@ -486,10 +482,7 @@ def test_build_flags_with_a_built_model_are_an_error_not_ignored(tmp_path, capsy
     checkpoint's own history length)."""
     from test_distributed_and_resume import tiny_dataset
 
-    from modeling_speeder.cli import BUILD_ONLY_FLAGS, build_parser, main
-
-    dests = {action.dest for action in build_parser()[1]["train"]._actions}
-    assert set(BUILD_ONLY_FLAGS) <= dests
+    from modeling_speeder.cli import main
     tiny_dataset(tmp_path / "data")
     assert main(["train", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "m"), "--max-history", "7",
                  "--no-item-bias", "--output", str(tmp_path / "run")]) == 2
