@@ -118,7 +118,8 @@ class SpeederProcessor(ProcessorMixin):
     # ----- prompt building -----
 
     def _row(self, history: list[int], candidates: list[int]):
-        """One prompt: token ids, SPAE position ids, item token indices and recency indices (lists of length T)."""
+        """One prompt: token ids, SPAE position ids, item token indices and recency indices (lists of length T), and
+        the index of its query token."""
         k, level = self.tokens_per_item, self.item_level_position_ids
         ids, pos, item_idx, recency = [], [], [], []
 
@@ -137,10 +138,10 @@ class SpeederProcessor(ProcessorMixin):
             item(row, len(history) - 1 - j, pos[-1] + 1 if pos else 0)
         text(self._bridge_ids)
         text([self.query_token_id])
-        shared = pos[-1] + 1
+        query, shared = len(ids) - 1, pos[-1] + 1
         for row in candidates:
             item(row, self.max_history, shared)
-        return ids, pos, item_idx, recency
+        return (ids, pos, item_idx, recency), query
 
     def __call__(
         self,
@@ -179,106 +180,121 @@ class SpeederProcessor(ProcessorMixin):
         (B, C) the last token of each candidate and `candidate_segment_ids` (B, T) 0 for the shared prompt and c + 1
         for the tokens of candidate c.
         """
-        if kwargs:
-            raise TypeError(f"SpeederProcessor got unexpected arguments {sorted(kwargs)}")
+        self._check_batch(histories, candidates, targets, packed, kwargs)
+        users = []
+        for b, history in enumerate(histories):
+            users.append(self._encode_user(b, history, None if candidates is None else candidates[b],
+                                           None if targets is None else targets[b], candidates_in_prompt))
+            if len(users[-1]["candidates"]) != len(users[0]["candidates"]):
+                raise ValueError(f"Candidate list {b} has {len(users[-1]['candidates'])} items but list 0 has "
+                                 f"{len(users[0]['candidates'])}: a batch needs the same number of candidates per user")
+        if dense_labels_from is not None and (not dense or len(dense_labels_from) != len(histories)):
+            raise ValueError(f"dense_labels_from needs dense=True and one value per history, got {dense_labels_from!r}")
+        for b, user in enumerate(users if dense else []):
+            # Positions dropped by truncation shift the first labelled one.
+            dropped = len(histories[b]) - len(user["history"])
+            first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - dropped)
+            user["dense_labels"] = self._dense_labels(user, first)
+        data = self._collate(users, packed, candidates is not None, candidates_in_prompt)
+        return self._as_tensors(data, return_tensors)
+
+    def _check_batch(self, histories, candidates, targets, packed: bool, unexpected: dict):
+        if unexpected:
+            raise TypeError(f"SpeederProcessor got unexpected arguments {sorted(unexpected)}")
         if packed and candidates is not None:
             raise ValueError("packed=True builds catalog-head inputs only: candidates need the padded layout")
         if isinstance(histories, str) or not len(histories) or isinstance(histories[0], str):
             raise ValueError("histories must be a non-empty list of histories, each a list of item ids")
-        batch = len(histories)
-        if candidates is not None and len(candidates) != batch:
-            raise ValueError(f"{len(candidates)} candidate lists for {batch} histories")
-        if targets is not None and len(targets) != batch:
-            raise ValueError(f"{len(targets)} targets for {batch} histories")
-        rows, cand_rows, labels, catalog_labels, dense_labels = [], [], [], [], []
-        for b, history in enumerate(histories):
-            if isinstance(history, str) or not len(history):
-                raise ValueError(f"History {b} is empty or not a list of item ids: {history!r}")
-            hist = [self.item_index(i) for i in history][-self.max_history :]
-            cands = []
-            if candidates is not None:
-                if isinstance(candidates[b], str) or not len(candidates[b]):
-                    raise ValueError(f"Candidate list {b} is empty or not a list of item ids: {candidates[b]!r}")
-                cands = [self.item_index(i) for i in candidates[b]]
-                if len(set(cands)) != len(cands):
-                    dupes = [item for item, count in Counter(map(str, candidates[b])).items() if count > 1]
-                    raise ValueError(f"Candidate list {b} has duplicate items {dupes}")
-                if len(cands) != len(cand_rows[0] if cand_rows else cands):
-                    raise ValueError(
-                        f"Candidate list {b} has {len(cands)} items but list 0 has {len(cand_rows[0])}: "
-                        "a batch needs the same number of candidates per user"
-                    )
-                cand_rows.append(cands)
-            if targets is not None:
-                target = self.item_index(targets[b])
-                catalog_labels.append(target)
-                if candidates is not None:
-                    if target not in cands:
-                        raise ValueError(f"Target {targets[b]!r} of row {b} is not among its candidates")
-                    labels.append(cands.index(target))
-            rows.append(self._row(hist, cands if candidates_in_prompt else []))
-            if dense:
-                following = hist[1:] + [self.item_index(targets[b]) if targets is not None else -100]
-                # Positions dropped by truncation shift the first labelled one.
-                first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - (len(history) - len(hist)))
-                token_labels = [-100] * len(rows[-1][0])
-                item_tokens = [t for t, (row, r) in enumerate(zip(rows[-1][2], rows[-1][3]))
-                               if row >= 0 and 0 <= r < self.max_history]
-                # Each history item predicts the next one; the item after the whole history (the target) is predicted
-                # by the query token, the state inference reads, so the served position is trained too.
-                predictor = [item_tokens[(j + 1) * self.tokens_per_item - 1] for j in range(len(hist) - 1)]
-                predictor.append(len(rows[-1][0]) - 1 - (len(cands) * self.tokens_per_item if candidates_in_prompt else 0))
-                for j, next_row in enumerate(following):
-                    if j >= first:
-                        token_labels[predictor[j]] = next_row
-                dense_labels.append(token_labels)
+        if candidates is not None and len(candidates) != len(histories):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(histories)} histories")
+        if targets is not None and len(targets) != len(histories):
+            raise ValueError(f"{len(targets)} targets for {len(histories)} histories")
 
-        if dense_labels_from is not None and (not dense or len(dense_labels_from) != batch):
-            raise ValueError(f"dense_labels_from needs dense=True and one value per history, got {dense_labels_from!r}")
-        if packed:
-            lengths = [len(r[0]) for r in rows]
-            rows = [tuple([value for r in rows for value in r[i]] for i in range(4))]
-            dense_labels = [[value for r in dense_labels for value in r]] if dense else dense_labels
-        length = max(len(r[0]) for r in rows)
-        pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
-        data = {
-            "input_ids": [pad(r[0], self.pad_token_id) for r in rows],
-            "attention_mask": [pad([1] * len(r[0]), 0) for r in rows],
-            "position_ids": [pad(r[1], 0) for r in rows],
-            "item_token_index": [pad(r[2], -1) for r in rows],
-            "recency_index": [pad(r[3], -1) for r in rows],
-        }
-        k = self.tokens_per_item
-        if packed:
-            ends = [sum(lengths[: s + 1]) for s in range(len(lengths))]
-            data["query_index"] = [e - 1 for e in ends]  # the query token closes every sequence
-        else:  # left padding: every row ends at T - 1; the query closes the shared prompt, candidates follow it
-            data["query_index"] = [length - 1 - (len(c) * k if candidates_in_prompt else 0)
-                                   for c in (cand_rows or [[]] * batch)]
+    def _encode_user(self, b: int, history, candidates, target, candidates_in_prompt: bool) -> dict:
+        """One user's catalog rows, prompt (`_row`) and labels; raises on an unknown, repeated or missing item."""
+        if isinstance(history, str) or not len(history):
+            raise ValueError(f"History {b} is empty or not a list of item ids: {history!r}")
+        hist = [self.item_index(i) for i in history][-self.max_history :]
+        cands = []
         if candidates is not None:
-            data["candidate_item_index"] = cand_rows
+            if isinstance(candidates, str) or not len(candidates):
+                raise ValueError(f"Candidate list {b} is empty or not a list of item ids: {candidates!r}")
+            cands = [self.item_index(i) for i in candidates]
+            if len(set(cands)) != len(cands):
+                dupes = [item for item, count in Counter(map(str, candidates)).items() if count > 1]
+                raise ValueError(f"Candidate list {b} has duplicate items {dupes}")
+        row, query = self._row(hist, cands if candidates_in_prompt else [])
+        user = {"history": hist, "candidates": cands, "row": row, "query": query, "target": -100}
+        if target is not None:
+            user["target"] = self.item_index(target)
+            if candidates is not None:
+                if user["target"] not in cands:
+                    raise ValueError(f"Target {target!r} of row {b} is not among its candidates")
+                user["label"] = cands.index(user["target"])
+        return user
+
+    def _dense_labels(self, user: dict, first: int) -> list[int]:
+        """Per token of the user's prompt: the catalog row of the item that followed, at the last token of each history
+        item from the `first` on (the item after the whole history, the target, at the query token, the state
+        inference reads, so the served position is trained too); -100 elsewhere."""
+        (ids, _, item_idx, recency), hist = user["row"], user["history"]
+        item_tokens = [t for t, (row, r) in enumerate(zip(item_idx, recency)) if row >= 0 and 0 <= r < self.max_history]
+        predictor = [item_tokens[(j + 1) * self.tokens_per_item - 1] for j in range(len(hist) - 1)] + [user["query"]]
+        labels = [-100] * len(ids)
+        for j, next_row in enumerate(hist[1:] + [user["target"]]):
+            if j >= first:
+                labels[predictor[j]] = next_row
+        return labels
+
+    def _collate(self, users: list[dict], packed: bool, with_candidates: bool, candidates_in_prompt: bool) -> dict:
+        """The users' prompts as one batch, left-padded (or back to back in one row when `packed`), with the layout
+        stated explicitly: each row's query token, and each candidate's last token and segment."""
+        rows, lengths = [u["row"] for u in users], [len(u["row"][0]) for u in users]
+        dense = "dense_labels" in users[0]
+        if packed:  # the sequences back to back: each one's offset is the length before it
+            offsets = [sum(lengths[:s]) for s in range(len(lengths))]
+            rows = [tuple([value for r in rows for value in r[i]] for i in range(4))]
+            dense_labels = [[value for u in users for value in u["dense_labels"]]] if dense else []
+        else:
+            dense_labels = [u["dense_labels"] for u in users] if dense else []
+        length = max(len(r[0]) for r in rows)
+        if not packed:  # left padding shifts each row by its padding
+            offsets = [length - n for n in lengths]
+        pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
+        data = {"input_ids": [pad(r[0], self.pad_token_id) for r in rows],
+                "attention_mask": [pad([1] * len(r[0]), 0) for r in rows], "position_ids": [pad(r[1], 0) for r in rows],
+                "item_token_index": [pad(r[2], -1) for r in rows], "recency_index": [pad(r[3], -1) for r in rows],
+                "query_index": [offset + u["query"] for offset, u in zip(offsets, users)]}
+        k = self.tokens_per_item
+        if with_candidates:
+            data["candidate_item_index"] = [u["candidates"] for u in users]
             if candidates_in_prompt:
-                data["candidate_token_index"] = [[q + (c + 1) * k for c in range(len(cands))]
-                                                 for q, cands in zip(data["query_index"], cand_rows)]
-                data["candidate_segment_ids"] = [[0] * (q + 1) + [c + 1 for c in range(len(cands)) for _ in range(k)]
-                                                 for q, cands in zip(data["query_index"], cand_rows)]
-        if labels:
-            data["labels"] = labels
-        if catalog_labels:
-            data["catalog_labels"] = catalog_labels
+                data["candidate_token_index"] = [[q + (c + 1) * k for c in range(len(u["candidates"]))]
+                                                 for q, u in zip(data["query_index"], users)]
+                data["candidate_segment_ids"] = [[0] * (q + 1) + [c + 1 for c in range(len(u["candidates"])) for _ in range(k)]
+                                                 for q, u in zip(data["query_index"], users)]
+        if "label" in users[0]:
+            data["labels"] = [u["label"] for u in users]
+        if users[0]["target"] != -100:
+            data["catalog_labels"] = [u["target"] for u in users]
         if dense:
             data["dense_catalog_labels"] = [pad(r, -100) for r in dense_labels]
+        if packed:
+            data["cu_seq_lens"] = offsets + [sum(lengths)]
+        return data
+
+    @staticmethod
+    def _as_tensors(data: dict, return_tensors: str | None) -> BatchEncoding:
+        boundaries = data.pop("cu_seq_lens", None)
         if return_tensors == "pt":
             data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
         elif return_tensors is not None:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
-        if packed:
-            boundaries = [0]
-            for n in lengths:
-                boundaries.append(boundaries[-1] + n)
+        if boundaries is not None:  # as Transformers' DataCollatorWithFlattening names them
+            longest = max(b - a for a, b in zip(boundaries, boundaries[1:]))
             if return_tensors == "pt":
                 boundaries = torch.tensor(boundaries, dtype=torch.int32)
-            data.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=max(lengths), max_length_k=max(lengths))
+            data.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=longest, max_length_k=longest)
         return BatchEncoding(data)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
