@@ -113,19 +113,6 @@ class SpeederDataCollator:
         log_q = np.log(-np.expm1(np.minimum(log_missed, -1e-12)))
         return {"catalog_item_rows": torch.from_numpy(rows).long(), "catalog_item_log_q": torch.from_numpy(log_q).float()}
 
-    def _teacher_inputs(self, rows):
-        """The histories as the processor truncates them, and the labelled prefixes: history position j predicts
-        the item after it (the target, after the last one), from `first_labeled` on (shifted by the truncation)."""
-        max_history = self.processor.max_history
-        histories = [[self.processor.item_index(i) for i in r["history"]][-max_history:] for r in rows]
-        item_rows = torch.full((len(rows), max(map(len, histories))), -1, dtype=torch.long)
-        positions = torch.zeros(item_rows.shape, dtype=torch.bool)
-        for b, (r, hist) in enumerate(zip(rows, histories)):
-            item_rows[b, : len(hist)] = torch.tensor(hist)
-            first = max(0, r.get("first_labeled", 0) - (len(r["history"]) - len(hist)))
-            positions[b, first : len(hist)] = True
-        return {"distillation_item_rows": item_rows, "distillation_positions": positions}
-
     def __call__(self, rows):
         stored = [len(r.get("candidates") or []) > 0 for r in rows]
         if any(stored) and not all(stored):
@@ -141,11 +128,9 @@ class SpeederDataCollator:
         if self.dense:
             first = [r["first_labeled"] for r in rows] if "first_labeled" in rows[0] else None
             batch = self.processor(histories=[r["history"] for r in rows], targets=[r["target"] for r in rows], dense=True,
-                                   packed=self.packed, dense_labels_from=first)
+                                   packed=self.packed, dense_labels_from=first, teacher_inputs=self.distillation)
             if self.dense_labels_per_row is not None:
                 batch["dense_loss_normalizer"] = torch.tensor(len(rows) * self.dense_labels_per_row)
-            if self.distillation:
-                batch.update(self._teacher_inputs(rows))
             if self.catalog_negatives:
                 batch.update(self._sampled_catalog(batch["dense_catalog_labels"]))
         else:

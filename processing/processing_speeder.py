@@ -152,6 +152,7 @@ class SpeederProcessor(ProcessorMixin):
         packed: bool = False,
         candidates_in_prompt: bool = True,
         dense_labels_from: Sequence[int] | None = None,
+        teacher_inputs: bool = False,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchEncoding:
@@ -171,9 +172,12 @@ class SpeederProcessor(ProcessorMixin):
         candidates_in_prompt: False leaves the candidates out of the prompt and only states them
             (`candidate_item_index`): a model whose `candidate_ranking_head` is "catalog" scores them by dot products
             with the query state, so the prompt is the same whatever the candidates.
-        dense_labels_from: with `dense`, per row the first history position (0-based, after truncation) whose
+        dense_labels_from: with `dense`, per row the first history position (0-based, before truncation) whose
             next-item label counts; earlier items are context only (overlapping training windows, each target
             predicted once).
+        teacher_inputs: with `dense`, also `distillation_item_rows` (B, L), each row's truncated history as catalog
+            rows, oldest first, -1 after its end, and `distillation_positions` (B, L), True at the history positions
+            that have a label, in the order of the model's `dense_catalog_scores`: a sequential teacher's inputs.
 
         Besides the tokens, the output states the layout, so the model never re-derives it: `query_index` (B,) the
         query token of each row (S,) per sequence when packed; with candidates in the prompt, `candidate_token_index`
@@ -194,8 +198,15 @@ class SpeederProcessor(ProcessorMixin):
             # Positions dropped by truncation shift the first labelled one.
             dropped = len(histories[b]) - len(user["history"])
             first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - dropped)
-            user["dense_labels"] = self._dense_labels(user, first)
+            user["dense_labels"], user["first_labeled"] = self._dense_labels(user, first), first
         data = self._collate(users, packed, candidates is not None, candidates_in_prompt)
+        if teacher_inputs:
+            if not dense:
+                raise ValueError("teacher_inputs=True needs dense=True: the teacher scores the dense labels' prefixes")
+            longest = max(len(u["history"]) for u in users)
+            data["distillation_item_rows"] = [u["history"] + [-1] * (longest - len(u["history"])) for u in users]
+            data["distillation_positions"] = [[u["first_labeled"] <= j < len(u["history"]) for j in range(longest)]
+                                              for u in users]
         return self._as_tensors(data, return_tensors)
 
     def _check_batch(self, histories, candidates, targets, packed: bool, unexpected: dict):
@@ -287,7 +298,8 @@ class SpeederProcessor(ProcessorMixin):
     def _as_tensors(data: dict, return_tensors: str | None) -> BatchEncoding:
         boundaries = data.pop("cu_seq_lens", None)
         if return_tensors == "pt":
-            data = {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
+            data = {key: torch.tensor(value, dtype=torch.bool if key == "distillation_positions" else torch.long)
+                    for key, value in data.items()}
         elif return_tensors is not None:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if boundaries is not None:  # as Transformers' DataCollatorWithFlattening names them
