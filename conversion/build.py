@@ -50,6 +50,19 @@ def build_speeder(
         if key in config_kwargs:
             processor_kwargs.setdefault(key, config_kwargs[key])
     processor = SpeederProcessor(tokenizer, item_ids=item_ids, **processor_kwargs)
+    config = _speeder_config(backbone, tokenizer, processor, features, learned_id_dim, seed, config_kwargs)
+    model = SpeederForSequentialRecommendation(config)
+    if isinstance(backbone, PreTrainedModel):
+        base = backbone.base_model if hasattr(backbone, "base_model") else backbone
+        base.resize_token_embeddings(config.text_config.vocab_size)
+        model.backbone.load_state_dict(base.state_dict())
+    model.set_item_features(features, _presence_with_id_fallback(features, presence, len(item_ids)))
+    return model, processor
+
+
+def _speeder_config(backbone, tokenizer, processor, features, learned_id_dim: int, seed: int, config_kwargs: dict):
+    """The SpeederConfig of a build: the backbone's config (vocabulary grown for the placeholder tokens), the
+    processor's layout, the feature sizes, and the item-token scale of a pretrained backbone's embeddings."""
     pretrained = isinstance(backbone, PreTrainedModel)
     text_config = backbone.config if pretrained else backbone
     # A copy we may resize. A quantization config describes how the source file was stored (GGUF, ...), not these
@@ -61,7 +74,7 @@ def build_speeder(
         text_config.vocab_size = len(tokenizer)
     config = SpeederConfig(
         text_config=text_config,
-        num_items=len(item_ids),
+        num_items=processor.num_items,
         modality_dims={m: int(x.shape[1]) for m, x in features.items()},
         learned_id_dim=learned_id_dim,
         item_token_id=processor.item_token_id,
@@ -76,21 +89,18 @@ def build_speeder(
     if pretrained:
         weights = backbone.get_input_embeddings().weight.detach()
         config.item_token_rms = float(weights.float().pow(2).mean(-1).sqrt().median())
+    return config
+
+
+def _presence_with_id_fallback(features: dict, presence: dict | None, n: int) -> dict:
+    """An item with no other modality present (no text, no image) keeps its `id` row even when SASRec never trained it
+    (it never occurred in training): scored like that, as SASRec scores it, rather than not at all."""
     presence = dict(presence or {})
     if "id" in features:
-        # An item with no other modality present (no text, no image) keeps its `id` row even when SASRec never trained
-        # it (it never occurred in training): scored like that, as SASRec scores it, rather than not at all.
-        n = len(item_ids)
         others = [torch.as_tensor(presence.get(m, torch.ones(n, dtype=torch.bool))).bool() for m in features if m != "id"]
         has_other = torch.stack(others).any(0) if others else torch.zeros(n, dtype=torch.bool)
         presence["id"] = torch.as_tensor(presence.get("id", torch.ones(n, dtype=torch.bool))).bool() | ~has_other
-    model = SpeederForSequentialRecommendation(config)
-    if pretrained:
-        base = backbone.base_model if hasattr(backbone, "base_model") else backbone
-        base.resize_token_embeddings(config.text_config.vocab_size)
-        model.backbone.load_state_dict(base.state_dict())
-    model.set_item_features(features, presence)
-    return model, processor
+    return presence
 
 
 

@@ -508,6 +508,16 @@ def build_parser(show_research: bool = False):
                                      epilog="--debug (anywhere) shows the full traceback of an error; "
                                             "<command> --help-all also lists the ablation and research options")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(commands)
+    _add_model_commands(commands, show_research)
+    _add_sharing_commands(commands, show_research)
+    for command in commands.choices.values():  # every command's --help shows the defaults
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    return parser, commands.choices
+
+
+def _add_data_commands(commands):
+    """quickstart, convert, features."""
     p = commands.add_parser("quickstart", help="build a tiny model, save, reload with AutoModel, and recommend")
     p.add_argument("--output", default="outputs/quickstart", help="folder for the tiny checkpoint")
     p.add_argument("--num-items", type=POSITIVE_INT, default=200, help="items in the synthetic catalog")
@@ -548,6 +558,10 @@ def build_parser(show_research: bool = False):
     p.add_argument("--collaborative", action="store_true", help="train SASRec; its item embeddings become 'id'")
     p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping on validation")
     p.set_defaults(run=features)
+
+
+def _add_model_commands(commands, show_research: bool):
+    """build, train, add-items, recommend, evaluate."""
     p = commands.add_parser("build", help="base LLM + dataset -> Speeder checkpoint and processor")
     p.add_argument("--data", required=True, help="a canonical dataset folder (`speeder convert`)")
     p.add_argument("--backbone", required=True,
@@ -599,6 +613,10 @@ def build_parser(show_research: bool = False):
     p.add_argument("--output", default="outputs/evaluate", help="folder for report.json and plots")
     p.add_argument("--eval-rows", type=POSITIVE_INT, default=None, help="evaluate on the first N users only (all)")
     p.set_defaults(run=evaluate_command)
+
+
+def _add_sharing_commands(commands, show_research: bool):
+    """push, card, and the demo."""
     for name, run, help_text in (("push", push_command, "push a checkpoint and its model card to the Hub (one commit)"),
                                  ("card", card_command, "render a checkpoint's model card")):
         p = commands.add_parser(name, help=help_text)
@@ -620,9 +638,6 @@ def build_parser(show_research: bool = False):
     add_arguments(p, DemoArguments, show_research)  # --selection-rows defaults to 5,000 on beauty (DEMO_SELECTION_ROWS)
     add_arguments(p, BuildArguments, show_research)
     p.set_defaults(run=demo)
-    for command in commands.choices.values():  # every command's --help shows the defaults
-        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    return parser, commands.choices
 
 
 def run(argv=None):

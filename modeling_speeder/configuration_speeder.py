@@ -89,6 +89,16 @@ class SpeederConfig(PreTrainedConfig):
         if self.modality_dims is None:
             self.modality_dims = {}
         super().__post_init__(**kwargs)
+        self._check_values()
+        if self.candidate_ranking_head is None:
+            catalog_only = not self.candidate_loss_weight and bool(self.catalog_loss_weight)
+            self.candidate_ranking_head = "catalog" if catalog_only else "candidate"
+        if self.candidate_ranking_head not in ("candidate", "catalog"):
+            raise ValueError(f"candidate_ranking_head must be 'candidate' or 'catalog', got {self.candidate_ranking_head!r}")
+        if self.mpo_stages is None:
+            self.mpo_stages = [dict(stage) for stage in DEFAULT_MPO_STAGES]
+
+    def _check_values(self):
         unknown = set(self.modality_dims) - set(MODALITIES)
         if unknown:
             raise ValueError(f"modality_dims has unknown modalities {sorted(unknown)}; expected any of {MODALITIES}")
@@ -106,13 +116,6 @@ class SpeederConfig(PreTrainedConfig):
                 f"This checkpoint uses Speeder format version {self.speeder_format_version}, but this code reads "
                 "version 1. Upgrade the `speeder` package."
             )
-        if self.candidate_ranking_head is None:
-            catalog_only = not self.candidate_loss_weight and bool(self.catalog_loss_weight)
-            self.candidate_ranking_head = "catalog" if catalog_only else "candidate"
-        if self.candidate_ranking_head not in ("candidate", "catalog"):
-            raise ValueError(f"candidate_ranking_head must be 'candidate' or 'catalog', got {self.candidate_ranking_head!r}")
-        if self.mpo_stages is None:
-            self.mpo_stages = [dict(stage) for stage in DEFAULT_MPO_STAGES]
 
     @property
     def modalities(self) -> tuple[str, ...]:

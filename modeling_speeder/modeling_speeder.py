@@ -340,6 +340,40 @@ def _saved_weight_names(pretrained_model_name_or_path, kwargs) -> list[str]:
     return []
 
 
+def _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, query_index,
+                  candidate_token_index, candidate_segment_ids, cu_seq_lens_q):
+    """Raise unless the inputs state the processor's whole layout, consistently (shapes only: no device sync)."""
+    missing = [name for name, value in (("position_ids", position_ids), ("item_token_index", item_token_index),
+                                        ("recency_index", recency_index), ("query_index", query_index)) if value is None]
+    if missing:
+        raise ValueError(f"Speeder's forward needs the processor's layout, missing {missing}: pass the whole output of "
+                         "SpeederProcessor")
+    if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
+        raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
+    in_prompt = candidate_token_index is not None
+    if in_prompt and candidate_segment_ids is None:
+        raise ValueError("candidate_token_index needs candidate_segment_ids: pass the processor's whole output")
+    if cu_seq_lens_q is not None and (input_ids.shape[0] != 1 or in_prompt):
+        raise ValueError(
+            f"Packed inputs are one row of catalog-head sequences, got {input_ids.shape[0]} rows and "
+            f"{candidate_token_index.shape[1] if in_prompt else 0} candidates in the prompt: candidates need the "
+            "padded layout (their isolation mask)"
+        )
+    if cu_seq_lens_q is not None and cu_seq_lens_q.shape[0] != query_index.shape[0] + 1:
+        raise ValueError(f"cu_seq_lens_q has {cu_seq_lens_q.shape[0]} boundaries for {query_index.shape[0]} packed "
+                         "sequences: pass the processor's whole output")
+
+
+def _examples(input_ids, query_index, cu_seq_lens_q=None):
+    """(the example each token belongs to (B, T): its row, or its sequence in a packed row; the row of each query)."""
+    batch_size, seq_len = input_ids.shape
+    if cu_seq_lens_q is None:
+        rows = torch.arange(batch_size, device=input_ids.device)
+        return rows[:, None].expand(-1, seq_len), rows
+    sequences = torch.arange(len(query_index), device=input_ids.device)
+    return torch.repeat_interleave(sequences, cu_seq_lens_q.diff().long())[None], torch.zeros_like(query_index)
+
+
 def _check_backbone_kwargs(kwargs: dict):
     unknown = set(kwargs) - BACKBONE_KWARGS
     if unknown:
@@ -635,39 +669,13 @@ class SpeederModel(SpeederPreTrainedModel):
         """The layout comes from the processor: the query token at `query_index`; candidates in the prompt are stated
         by `candidate_token_index` and `candidate_segment_ids`."""
         _check_backbone_kwargs(kwargs)
-        batch_size, seq_len = input_ids.shape
-        missing = [name for name, value in (("position_ids", position_ids), ("item_token_index", item_token_index),
-                                            ("recency_index", recency_index), ("query_index", query_index))
-                   if value is None]
-        if missing:
-            raise ValueError(f"Speeder's forward needs the processor's layout, missing {missing}: pass the whole output of "
-                             "SpeederProcessor")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cu_seq_lens_q = kwargs.get("cu_seq_lens_q")
-        packed = cu_seq_lens_q is not None
-        in_prompt = candidate_token_index is not None
-        if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
-            raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
-        if in_prompt and candidate_segment_ids is None:
-            raise ValueError("candidate_token_index needs candidate_segment_ids: pass the processor's whole output")
-        if packed and (batch_size != 1 or in_prompt):
-            raise ValueError(
-                f"Packed inputs are one row of catalog-head sequences, got {batch_size} rows and "
-                f"{candidate_token_index.shape[1] if in_prompt else 0} candidates in the prompt: candidates need the "
-                "padded layout (their isolation mask)"
-            )
-        if packed and cu_seq_lens_q.shape[0] != query_index.shape[0] + 1:  # shapes only: no device synchronisation
-            raise ValueError(f"cu_seq_lens_q has {cu_seq_lens_q.shape[0]} boundaries for {query_index.shape[0]} packed "
-                             "sequences: pass the processor's whole output")
-        if packed:
-            example_of_token = torch.repeat_interleave(
-                torch.arange(len(query_index), device=input_ids.device), cu_seq_lens_q.diff().long()
-            )[None]  # (1, T)
-            query_rows = torch.zeros_like(query_index)
-        else:
-            example_of_token = torch.arange(batch_size, device=input_ids.device)[:, None].expand(-1, seq_len)
-            query_rows = torch.arange(batch_size, device=input_ids.device)
+        packed, in_prompt = cu_seq_lens_q is not None, candidate_token_index is not None
+        _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, query_index,
+                      candidate_token_index, candidate_segment_ids, cu_seq_lens_q)
+        example_of_token, query_rows = _examples(input_ids, query_index, cu_seq_lens_q)
         embeds = self.embed_prompt(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
         if in_prompt and self.uses_prefix_cache(candidate_scoring):
@@ -677,15 +685,8 @@ class SpeederModel(SpeederPreTrainedModel):
                 mask = None  # FlashAttention's varlen kernel: causal inside each sequence, given explicit boundaries
             else:
                 kwargs = {k: v for k, v in kwargs.items() if k not in VARLEN_KWARGS}  # the mask states the boundaries
-                if packed:
-                    real_index = torch.arange(seq_len, device=input_ids.device)[None]
-                    mask = self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token),
-                                                 real_index)
-                elif in_prompt:
-                    mask = self.candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index,
-                                                 candidate_token_index)
-                else:
-                    mask = attention_mask
+                mask = self._mask(embeds, attention_mask, example_of_token if packed else None, candidate_segment_ids,
+                                  query_index, candidate_token_index)
             out = self.backbone(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                 output_hidden_states=self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
@@ -693,15 +694,22 @@ class SpeederModel(SpeederPreTrainedModel):
                 **kwargs,
             )
             last = out.last_hidden_state  # (B, T, H)
-            output = SpeederModelOutput(
-                last_hidden_state=last,
-                query_hidden_state=last[query_rows, query_index],  # (B, H), or (S, H) packed
-                candidate_hidden_states=last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1]))
-                if in_prompt else None,  # (B, C, H)
-                hidden_states=out.hidden_states,
-                attentions=out.attentions,
-            )
+            candidates = last.gather(1, candidate_token_index[..., None].expand(-1, -1, last.shape[-1])) if in_prompt else None
+            output = SpeederModelOutput(  # query states (B, H), or (S, H) packed; candidates (B, C, H)
+                last_hidden_state=last, query_hidden_state=last[query_rows, query_index],
+                candidate_hidden_states=candidates, hidden_states=out.hidden_states, attentions=out.attentions)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    def _mask(self, embeds, attention_mask, example_of_token, candidate_segment_ids, query_index, candidate_token_index):
+        """The backbone's attention mask: packed sequences kept apart (`example_of_token` (1, T)), candidates isolated,
+        or plain padding."""
+        if example_of_token is not None:
+            real_index = torch.arange(embeds.shape[1], device=embeds.device)[None]
+            return self._attention_masks(embeds, attention_mask, packed_sequence_mask_function(example_of_token),
+                                         real_index)
+        if candidate_token_index is not None:
+            return self.candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index, candidate_token_index)
+        return attention_mask
 
     def _encode_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
         """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels
@@ -840,6 +848,47 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         corrected = corrected.scatter(1, column.clamp(min=0)[:, None], positive)
         return F.cross_entropy(corrected, column, ignore_index=-100, reduction=reduction)
 
+    def _candidate_scores(self, out: SpeederModelOutput, catalog_candidates=None, catalog_scores=None):
+        """(B, C) by the candidate head for candidates in the prompt, else by the catalog head for the catalog rows
+        `catalog_candidates` (B, C) (gathered from `catalog_scores` when computed anyway, else only those items
+        encoded); None without candidates."""
+        if out.candidate_hidden_states is not None:
+            return self.candidate_head(out.candidate_hidden_states).squeeze(-1)
+        if catalog_candidates is None:
+            return None
+        if catalog_scores is not None:
+            return catalog_scores.gather(1, catalog_candidates)
+        return self.catalog_logits(out.query_hidden_state, catalog_candidates)
+
+    def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query_state,
+              sampled: dict):
+        """The weighted sum of the candidate cross-entropy (of whichever head scored the candidates, with that head's
+        weight) and the catalog loss: the dense one, which already covers the last prefix, or the query's over the
+        catalog (`catalog_labels`); None without labels."""
+        losses = []
+        candidate_weight = self.config.candidate_loss_weight if in_prompt else self.config.catalog_loss_weight
+        if labels is not None and candidate_scores is not None and candidate_weight:
+            losses.append(candidate_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100))
+        if dense_loss is not None:
+            losses.append(self.config.catalog_loss_weight * dense_loss)
+        elif catalog_labels is not None:
+            scores = catalog_scores if sampled["item_rows"] is None else self.catalog_logits(query_state, sampled["item_rows"])
+            losses.append(self.config.catalog_loss_weight * self.catalog_loss(scores, catalog_labels, **sampled))
+        return sum(losses[1:], losses[0]) if losses else None
+
+    def _dense_catalog_loss(self, last_hidden_state, dense_catalog_labels, sampled: dict, normalizer=None):
+        """(loss, scores): every history item's hidden state queries the item that followed it, all prefixes in one
+        pass; summed and divided by `normalizer` when given (length-grouped batches), else the mean."""
+        reduction = "mean" if normalizer is None else "sum"
+        if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
+            scores = self.catalog_logits(last_hidden_state.flatten(0, 1), sampled["item_rows"])  # (B * T, N or U)
+            loss = self.catalog_loss(scores, dense_catalog_labels.flatten(), **sampled, reduction=reduction)
+        else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
+            keep = dense_catalog_labels >= 0
+            scores = self.catalog_logits(last_hidden_state[keep], sampled["item_rows"])  # (n_prefixes, N or U)
+            loss = self.catalog_loss(scores, dense_catalog_labels[keep], **sampled, reduction=reduction)
+        return (loss if normalizer is None else loss / normalizer), scores
+
     def forward(
         self,
         # The processor's layout, passed on to SpeederModel.forward (shapes there).
@@ -875,67 +924,29 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         in_prompt = candidate_token_index is not None
         if dense_catalog_labels is not None and in_prompt and self.model.uses_prefix_cache(candidate_scoring):
             raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
+        if (catalog_item_rows is None) != (catalog_item_log_q is None):
+            raise ValueError("catalog_item_rows and catalog_item_log_q come together: pass the collator's whole batch")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             item_token_index=item_token_index, recency_index=recency_index, query_index=query_index,
             candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            return_dict=True, candidate_scoring=candidate_scoring, **kwargs,
-        )
-        if (catalog_item_rows is None) != (catalog_item_log_q is None):
-            raise ValueError("catalog_item_rows and catalog_item_log_q come together: pass the collator's whole batch")
+            return_dict=True, candidate_scoring=candidate_scoring, **kwargs)
         sampled = dict(item_rows=catalog_item_rows, item_log_q=catalog_item_log_q)
         dense_loss = dense_scores = None
         if dense_catalog_labels is not None:
-            # Every history item's hidden state queries the item that followed it: all prefixes in one pass.
-            last = out.last_hidden_state
-            reduction = "mean" if dense_loss_normalizer is None else "sum"
-            if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
-                dense_scores = self.catalog_logits(last.flatten(0, 1), catalog_item_rows)  # (B * T, N or U)
-                dense_loss = self.catalog_loss(dense_scores, dense_catalog_labels.flatten(), **sampled, reduction=reduction)
-            else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
-                keep = dense_catalog_labels >= 0
-                dense_scores = self.catalog_logits(last[keep], catalog_item_rows)  # (n_prefixes, N or U)
-                dense_loss = self.catalog_loss(dense_scores, dense_catalog_labels[keep], **sampled, reduction=reduction)
-            if dense_loss_normalizer is not None:
-                dense_loss = dense_loss / dense_loss_normalizer
-
-        catalog_scores = None
-        by_catalog_head = candidate_item_index is not None and not in_prompt
+            dense_loss, dense_scores = self._dense_catalog_loss(out.last_hidden_state, dense_catalog_labels, sampled,
+                                                                dense_loss_normalizer)
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
-        if return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None):
-            catalog_scores = self.catalog_logits(out.query_hidden_state)  # (B, N)
-        candidate_scores = None
-        if in_prompt:
-            candidate_scores = self.candidate_head(out.candidate_hidden_states).squeeze(-1)  # (B, C)
-        elif by_catalog_head and catalog_scores is not None:
-            candidate_scores = catalog_scores.gather(1, candidate_item_index)  # (B, C)
-        elif by_catalog_head:  # only the candidates' items are encoded and scored, not the catalog
-            candidate_scores = self.catalog_logits(out.query_hidden_state, candidate_item_index)  # (B, C)
-
-        loss = None
-        # The candidate cross-entropy trains whichever head scored the candidates, with that head's weight.
-        candidate_weight = self.config.candidate_loss_weight if in_prompt else self.config.catalog_loss_weight
-        if labels is not None and candidate_scores is not None and candidate_weight:
-            loss = candidate_weight * F.cross_entropy(candidate_scores.float(), labels, ignore_index=-100)
-        if dense_loss is not None:  # the dense loss already covers the last prefix (the query of the target)
-            catalog_loss = self.config.catalog_loss_weight * dense_loss
-            loss = catalog_loss if loss is None else loss + catalog_loss
-        elif wants_catalog_loss:
-            query_scores = catalog_scores if catalog_item_rows is None else self.catalog_logits(out.query_hidden_state,
-                                                                                                catalog_item_rows)
-            catalog_loss = self.config.catalog_loss_weight * self.catalog_loss(query_scores, catalog_labels, **sampled)
-            loss = catalog_loss if loss is None else loss + catalog_loss
-
+        full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)
+        catalog_scores = self.catalog_logits(out.query_hidden_state) if full else None  # (B, N)
+        candidate_scores = self._candidate_scores(out, None if in_prompt else candidate_item_index, catalog_scores)
+        loss = self._loss(candidate_scores, labels, in_prompt, dense_loss,
+                          catalog_labels if wants_catalog_loss else None, catalog_scores, out.query_hidden_state, sampled)
         output = SpeederRecommendationOutput(
-            loss=loss,
-            candidate_scores=candidate_scores,
-            catalog_scores=catalog_scores,
-            query_hidden_state=out.query_hidden_state,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            dense_catalog_scores=dense_scores,
-        )
+            loss=loss, candidate_scores=candidate_scores, catalog_scores=catalog_scores,
+            query_hidden_state=out.query_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions,
+            dense_catalog_scores=dense_scores)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     @property

@@ -416,6 +416,12 @@ def write_report(output: Path, report: dict):
     except ImportError:
         logger.warning("matplotlib is not installed: report.json written, plots skipped")
         return
+    plot_buckets(plt, output, report)
+    plot_training_curve(plt, output, report)
+
+
+def plot_buckets(plt, output: Path, report: dict):
+    """metrics_by_history_length.png: HR@1 by history length and by target popularity, SASRec beside Speeder."""
     split = next((k for k in ("test", "validation") if k in report), None)
     if split and report[split].get("by_history_length"):
         systems = {"Speeder": report[split]}
@@ -440,6 +446,10 @@ def write_report(output: Path, report: dict):
         fig.tight_layout()
         fig.savefig(output / "metrics_by_history_length.png", dpi=110)
         plt.close(fig)
+
+
+def plot_training_curve(plt, output: Path, report: dict):
+    """training_curve.png: the training loss against chance, the MPO transitions and the selection metric."""
     history = [h for h in report.get("log_history", []) if "loss" in h and "step" in h]
     if history:
         fig, ax = plt.subplots(figsize=(8, 4))

@@ -37,6 +37,11 @@ class SpeederProcessor(ProcessorMixin):
     successive items advance by one, so RoPE distances between items are item distances whatever K and the text.
     All candidates share the id after the query (they are an unordered set).
 
+    Besides the tokens, the output states the layout, so the model never re-derives it: `query_index` (B,) the query
+    token of each row, (S,) per sequence when packed; with candidates in the prompt, `candidate_token_index` (B, C) the
+    last token of each candidate and `candidate_segment_ids` (B, T) 0 for the shared prompt and c + 1 for the tokens
+    of candidate c.
+
     Args:
         tokenizer: the backbone's tokenizer; the item and query tokens are added to it when missing.
         item_ids: external item ids, in catalog order (row i of the model's feature bank).
@@ -166,9 +171,8 @@ class SpeederProcessor(ProcessorMixin):
             then trains the catalog head on every prefix of the sequence (SASRec-style), the last one at the query
             token that inference reads.
         packed: padding-free layout for catalog-head inputs (no candidates): the prompts back to back in one row,
-            plus `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) int32 sequence boundaries and `max_length_q` /
-            `max_length_k`, as Transformers' `DataCollatorWithFlattening` names them. SPAE position ids repeat values
-            (shared item and candidate ids), so the boundaries cannot be inferred from position-id resets.
+            plus their boundaries `cu_seq_lens_q` / `cu_seq_lens_k` (S + 1,) and `max_length_q` / `max_length_k`
+            (SPAE position ids repeat values, so boundaries cannot be inferred from position-id resets).
         candidates_in_prompt: False leaves the candidates out of the prompt and only states them
             (`candidate_item_index`): a model whose `candidate_ranking_head` is "catalog" scores them by dot products
             with the query state, so the prompt is the same whatever the candidates.
@@ -178,11 +182,6 @@ class SpeederProcessor(ProcessorMixin):
         teacher_inputs: with `dense`, also `distillation_item_rows` (B, L), each row's truncated history as catalog
             rows, oldest first, -1 after its end, and `distillation_positions` (B, L), True at the history positions
             that have a label, in the order of the model's `dense_catalog_scores`: a sequential teacher's inputs.
-
-        Besides the tokens, the output states the layout, so the model never re-derives it: `query_index` (B,) the
-        query token of each row (S,) per sequence when packed; with candidates in the prompt, `candidate_token_index`
-        (B, C) the last token of each candidate and `candidate_segment_ids` (B, T) 0 for the shared prompt and c + 1
-        for the tokens of candidate c.
         """
         self._check_batch(histories, candidates, targets, packed, kwargs)
         users = []
