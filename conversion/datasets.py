@@ -80,29 +80,42 @@ def leave_one_out(
                 f"draw {num_negatives} negatives outside the history. Lower --negatives (a k-core filter also shrinks "
                 "the catalog: lower --k-core)")
         for split, cut in (("validation", len(seq) - 2), ("test", len(seq) - 1)):
-            negatives = []
-            while len(negatives) < num_negatives:  # rejection sampling: histories are short next to the catalog
-                draw = catalog[rng.integers(0, len(catalog), size=2 * num_negatives)]
-                negatives += [i for i in dict.fromkeys(draw.tolist()) if i not in seen and i not in negatives]
-            cands = [seq[cut]] + negatives[:num_negatives]
+            cands = [seq[cut]] + _negatives(rng, catalog, seen, num_negatives)
             rng.shuffle(cands)
             for key, value in zip(("user_id", "history", "target", "candidates"), (user, seq[:cut], seq[cut], cands)):
                 rows[split][key].append(value)
         for cut in range(1, len(seq) - 2):
             for key, value in zip(("user_id", "history", "target", "candidates"), (user, seq[:cut], seq[cut], [])):
                 rows["train"][key].append(value)
-    empty = [split for split in SPLITS if not rows[split]["user_id"]]
-    if empty:
-        kept = len(rows["test"]["user_id"])
-        raise ValueError(
-            f"The {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: {len(sequences)} users, "
-            f"{kept} with at least {min_length} interactions; a training row needs a user with at least 4 (the last two "
-            "are the validation and test targets). Use a dataset with longer histories, or a looser filter (amazon2023: "
-            "a lower --k-core)")
-    for line in summary or []:
+    _check_not_empty(rows, len(sequences), min_length)
+    _log_filtered(summary or [])
+    return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
+
+
+def _log_filtered(summary: list):
+    """A warning for each filter step that dropped something: a conversion never loses data silently."""
+    for line in summary:
         if any((line.get("dropped") or {}).values()) or "kept in the catalog as negatives only" in line["step"]:
             logger.warning("conversion: %s: kept %s, dropped %s", line["step"], line.get("kept"), line.get("dropped"))
-    return DatasetDict({split: Dataset.from_dict(rows[split], features=ROW_FEATURES) for split in SPLITS})
+
+
+def _negatives(rng, catalog: np.ndarray, seen: set, count: int) -> list:
+    """`count` distinct catalog items outside `seen`, by rejection sampling (histories are short next to the catalog)."""
+    negatives = []
+    while len(negatives) < count:
+        draw = catalog[rng.integers(0, len(catalog), size=2 * count)]
+        negatives += [i for i in dict.fromkeys(draw.tolist()) if i not in seen and i not in negatives]
+    return negatives[:count]
+
+
+def _check_not_empty(rows: dict, users: int, min_length: int):
+    empty = [split for split in SPLITS if not rows[split]["user_id"]]
+    if empty:
+        raise ValueError(
+            f"The {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: {users} users, "
+            f"{len(rows['test']['user_id'])} with at least {min_length} interactions; a training row needs a user with "
+            "at least 4 (the last two are the validation and test targets). Use a dataset with longer histories, or a "
+            "looser filter (amazon2023: a lower --k-core)")
 
 
 def hold_out_items(splits: DatasetDict, item_ids: Sequence[str], share: float = 0.1, seed: int = 0,
@@ -461,11 +474,7 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
             raise ValueError(f"{path} is empty")
     rows = [(str(r["user_id"]), str(r["parent_asin"]), float(r["timestamp"]), line_no)
             for line_no, r in _read_jsonl(reviews, ("user_id", "parent_asin", "timestamp"))]
-    metadata = {}
-    for line_no, m in _read_jsonl(meta, ("parent_asin",)):
-        if m["parent_asin"] in metadata:
-            raise ValueError(f"{meta}, line {line_no}: duplicate item id {m['parent_asin']!r}")
-        metadata[m["parent_asin"]] = m
+    metadata = _read_amazon_metadata(meta)
     unknown = sorted({r[1] for r in rows} - set(metadata))
     if unknown:
         raise ValueError(f"{reviews}: {len(unknown)} items have no metadata in {meta.name}, e.g. {unknown[:5]}")
@@ -497,14 +506,26 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, k_co
     texts = {i: " ".join([titles[i], *map(str, metadata[i].get("features") or []),
                           *map(str, metadata[i].get("description") or [])]).strip()
              for i in ids}
-    images = {}
-    for i in ids:
-        for image in metadata[i].get("images") or []:
-            url = image.get("large") or image.get("hi_res") or image.get("thumb") if isinstance(image, dict) else image
-            if url:
-                images[i] = url
-                break
+    images = {i: url for i in ids if (url := _first_image(metadata[i].get("images") or []))}
     return leave_one_out(sequences, ids, **split_kwargs), _items_table(ids, titles, texts, images)
+
+
+def _read_amazon_metadata(meta: Path) -> dict:
+    metadata = {}
+    for line_no, m in _read_jsonl(meta, ("parent_asin",)):
+        if m["parent_asin"] in metadata:
+            raise ValueError(f"{meta}, line {line_no}: duplicate item id {m['parent_asin']!r}")
+        metadata[m["parent_asin"]] = m
+    return metadata
+
+
+def _first_image(images: list) -> str | None:
+    """The first image reference of an item: the large URL of an image record (else its hi_res, else thumb)."""
+    for image in images:
+        url = image.get("large") or image.get("hi_res") or image.get("thumb") if isinstance(image, dict) else image
+        if url:
+            return url
+    return None
 
 
 def _read_sequence_lines(path: Path, delimiter: str) -> list[tuple[float, str, str]]:
@@ -547,30 +568,13 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
     with open(interactions, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of a column
         try:
             reader = csv.DictReader(f, delimiter=delimiter)
-            if not reader.fieldnames:
-                raise ValueError(f"{interactions} is empty: expected a header line with {user_column!r} and {item_column!r}")
-            missing = [c for c in (user_column, item_column) if c not in reader.fieldnames]
-            if missing:
-                raise ValueError(f"{interactions} has no {missing} column (columns: {reader.fieldnames}; delimiter "
-                                 f"{delimiter!r}): name the columns with --user-column / --item-column, or set --delimiter")
-            if time_column is not None and time_column not in reader.fieldnames:
-                raise ValueError(f"{interactions} has no {time_column!r} column (columns: {reader.fieldnames}): name the "
-                                 "time column with --time-column, or leave it out to keep the file's order")
-            time_column = time_column or ("timestamp" if "timestamp" in reader.fieldnames else None)
-            timed = time_column is not None
+            time_column = _check_csv_header(reader.fieldnames, interactions, user_column, item_column, time_column,
+                                            delimiter)
             rows = []
             for line_no, r in enumerate(reader, start=2):
                 if not r.get(user_column) or not r.get(item_column):
                     raise ValueError(f"{interactions}, line {line_no}: empty {user_column!r} or {item_column!r}")
-                when = 0.0
-                if timed:
-                    try:
-                        when = float(r[time_column])
-                        if not math.isfinite(when):
-                            raise ValueError
-                    except (TypeError, ValueError):
-                        raise ValueError(f"{interactions}, line {line_no}: {time_column!r} is {r[time_column]!r}, expected a "
-                                         "finite number") from None
+                when = 0.0 if time_column is None else _finite_time(r[time_column], interactions, line_no, time_column)
                 rows.append((when, r[user_column], r[item_column]))
         except UnicodeDecodeError as err:  # names the file and line where Python's message names neither
             with open(interactions, "rb") as raw:  # text is decoded in blocks: find the line again, on this path only
@@ -579,6 +583,32 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
     if not rows:
         raise ValueError(f"{interactions} has a header but no interactions")
     return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
+
+
+def _check_csv_header(columns, path: Path, user_column: str, item_column: str, time_column: str | None,
+                      delimiter: str) -> str | None:
+    """Raise unless the header names the user and item columns (and `time_column`, when given); returns the time
+    column to order by: `time_column`, else "timestamp" where the file has one, else None (the file's order)."""
+    if not columns:
+        raise ValueError(f"{path} is empty: expected a header line with {user_column!r} and {item_column!r}")
+    missing = [c for c in (user_column, item_column) if c not in columns]
+    if missing:
+        raise ValueError(f"{path} has no {missing} column (columns: {columns}; delimiter {delimiter!r}): name the "
+                         "columns with --user-column / --item-column, or set --delimiter")
+    if time_column is not None and time_column not in columns:
+        raise ValueError(f"{path} has no {time_column!r} column (columns: {columns}): name the time column with "
+                         "--time-column, or leave it out to keep the file's order")
+    return time_column or ("timestamp" if "timestamp" in columns else None)
+
+
+def _finite_time(text, path: Path, line_no: int, column: str) -> float:
+    try:
+        when = float(text)
+    except (TypeError, ValueError):
+        when = math.nan
+    if not math.isfinite(when):
+        raise ValueError(f"{path}, line {line_no}: {column!r} is {text!r}, expected a finite number")
+    return when
 
 
 def _decodes(line: bytes) -> bool:
