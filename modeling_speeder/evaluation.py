@@ -28,12 +28,9 @@ def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:
     """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     keep = labels >= 0
-    scores, labels = scores[keep], labels[keep]
-    nonfinite = int((~np.isfinite(scores)).sum())
-    scores = np.nan_to_num(scores, nan=-np.inf)
-    target = scores[np.arange(len(labels)), labels]
-    rank = np.where(np.isneginf(target), scores.shape[1] - 1, (scores >= target[:, None]).sum(1) - 1)  # 0 = best
-    valid = np.ones(len(labels), dtype=bool) if valid is None else np.asarray(valid)[keep]
+    nonfinite = int((~np.isfinite(scores[keep])).sum())
+    rank = candidate_ranks(scores[keep], labels[keep])
+    valid = np.ones(len(rank), dtype=bool) if valid is None else np.asarray(valid)[keep]
     out = {}
     for k in ks:
         out[f"hr@{k}"] = float(np.mean(rank < k))
@@ -45,6 +42,14 @@ def ranking_metrics(scores, labels, ks=(1, 5, 10), valid=None) -> dict:
     if nonfinite:
         out["nonfinite_scores"] = nonfinite
     return out
+
+
+def candidate_ranks(scores, labels) -> np.ndarray:
+    """(B,) 0-based rank of each target among its candidates (B, C), ties against the target, NaN as a miss."""
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    labels = np.asarray(labels)
+    target = scores[np.arange(len(labels)), labels]
+    return np.where(np.isneginf(target), scores.shape[1] - 1, (scores >= target[:, None]).sum(1) - 1)
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

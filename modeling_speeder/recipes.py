@@ -368,12 +368,28 @@ def select(data, rows):
     return data if rows is None else data.select(range(min(rows, len(data))))
 
 
-@torch.inference_mode()
 def evaluate_split(model, processor, data, counts=None, batch_size: int = 64) -> dict:
     """Protocol P on the stored candidates, ranked by the model's `candidate_ranking_head`; protocol R (catalog head,
     whole catalog, history excluded, and without exclusion); both by history length and, with training-split item
     `counts`, by target popularity (cold items). A candidate-head model also reports its catalog head on protocol P
     (dot products with the candidates, from the same pass)."""
+    scored = score_split(model, processor, data, batch_size)
+    if counts is None:
+        counts = np.zeros(model.config.num_items, dtype=np.int64)
+    report = report_for(scored["candidate_scores"], scored["labels"], scored["ranks"],
+                        [len(h) for h in scored["histories"]], scored["targets"], counts, scored["raw_ranks"])
+    report["head"] = scored["head"]
+    if scored["head"] == "candidate":
+        report["catalog_head"] = ranking_metrics(scored["catalog_head_scores"], scored["labels"])
+    return report
+
+
+@torch.inference_mode()
+def score_split(model, processor, data, batch_size: int = 64) -> dict:
+    """Per user of `data`: the stored candidates' scores (`candidate_scores` (U, C), `labels`), by the model's
+    ranking head and by the catalog head, and the target's whole-catalog rank with the history excluded (`ranks`) and
+    without (`raw_ranks`), with the users' history and target catalog rows: what `evaluate_split` reports, and what
+    a paired comparison of two systems on the same users reads (bench/paired.py)."""
     model.check_processor(processor)
     model.eval()
     model.cache_item_tokens()  # once, not per batch: every batch's catalog scores need all item representations
@@ -394,14 +410,10 @@ def evaluate_split(model, processor, data, counts=None, batch_size: int = 64) ->
                                   inputs["catalog_labels"]).cpu())
         histories += history_rows
         targets += inputs["catalog_labels"].tolist()
-    labels, scores = torch.cat(labels).numpy(), torch.cat(scores).numpy()
-    if counts is None:
-        counts = np.zeros(model.config.num_items, dtype=np.int64)
-    report = report_for(scores, labels, torch.cat(ranks), [len(h) for h in histories], targets, counts, torch.cat(raw_ranks))
-    report["head"] = "candidate" if in_prompt else "catalog"
-    if in_prompt:
-        report["catalog_head"] = ranking_metrics(torch.cat(catalog_head_scores).numpy(), labels)
-    return report
+    return {"candidate_scores": torch.cat(scores).numpy(), "labels": torch.cat(labels).numpy(),
+            "catalog_head_scores": torch.cat(catalog_head_scores).numpy(), "ranks": torch.cat(ranks),
+            "raw_ranks": torch.cat(raw_ranks), "histories": histories, "targets": targets,
+            "head": "candidate" if in_prompt else "catalog"}
 
 
 def write_report(output: Path, report: dict):

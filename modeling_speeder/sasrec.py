@@ -181,18 +181,29 @@ def evaluate_sasrec(model: SASRecModel, histories: list[list[int]], targets: lis
                     candidates: list[list[int]] | None = None, counts=None) -> dict:
     """Full-catalog HR@10 / NDCG@10 with history items excluded (and without, as RecBole scores sequential models),
     and, with `candidates`, the candidate protocol; with training-split item `counts`, the full bucketed report."""
-    scores = catalog_scores(model, histories)
-    target_rows = torch.tensor(targets)
-    raw_ranks = target_ranks(scores, target_rows)
-    ranks = target_ranks(exclude_history(scores, histories, keep=target_rows), target_rows)
+    scored = score_sasrec(model, histories, targets, candidates)
+    ranks, raw_ranks = scored["ranks"], scored["raw_ranks"]
     if candidates is None:
         return full_ranking_metrics(ranks)
-    labels = [c.index(t) for c, t in zip(candidates, targets)]
-    candidate_scores = scores.gather(1, torch.tensor(candidates)).numpy()
+    labels, candidate_scores = scored["labels"], scored["candidate_scores"]
     if counts is None:
         return {**ranking_metrics(candidate_scores, labels), **full_ranking_metrics(ranks),
                 **full_ranking_metrics(raw_ranks, prefix="full_no_exclusion_")}
     return report_for(candidate_scores, labels, ranks, [len(h) for h in histories], targets, counts, raw_ranks)
 
 
-__all__ = ["SASRecConfig", "SASRecModel", "catalog_scores", "evaluate_sasrec", "train_sasrec"]
+def score_sasrec(model: SASRecModel, histories: list[list[int]], targets: list[int],
+                 candidates: list[list[int]] | None = None) -> dict:
+    """Per user: the target's whole-catalog rank with the history excluded (`ranks`) and without (`raw_ranks`), and,
+    with `candidates`, their scores (`candidate_scores`, `labels`): `recipes.score_split`'s keys, for SASRec."""
+    scores = catalog_scores(model, histories)
+    target_rows = torch.tensor(targets)
+    scored = {"raw_ranks": target_ranks(scores, target_rows),
+              "ranks": target_ranks(exclude_history(scores, histories, keep=target_rows), target_rows)}
+    if candidates is not None:
+        scored["labels"] = [c.index(t) for c, t in zip(candidates, targets)]
+        scored["candidate_scores"] = scores.gather(1, torch.tensor(candidates)).numpy()
+    return scored
+
+
+__all__ = ["SASRecConfig", "SASRecModel", "catalog_scores", "evaluate_sasrec", "score_sasrec", "train_sasrec"]
