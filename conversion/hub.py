@@ -74,7 +74,7 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
     distillation = (report or {}).get("distillation")
     if distillation:
         training_data += (f" The catalog head was also distilled from a SASRec trained on the same training split "
-                          f"(KL weight {distillation['weight']}, temperature {distillation['temperature']}"
+                          f"(KL weight {distillation['weight']}"
                           + (f", over items with at least {distillation['min_count']} training interactions"
                              if distillation.get("min_count") else "") + ").")
     selection = SELECTION_DESCRIPTIONS.get((report or {}).get("selection_metric"))
