@@ -679,7 +679,8 @@ class SpeederModel(SpeederPreTrainedModel):
         embeds = self.embed_prompt(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
 
         if in_prompt and self.uses_prefix_cache(candidate_scoring):
-            output = self._encode_candidates_with_prefix_cache(embeds, attention_mask, position_ids, candidate_token_index)
+            output = self._encode_candidates_with_prefix_cache(embeds, attention_mask, position_ids, query_index,
+                                                               candidate_token_index)
         else:
             if packed and not self._backend_takes_masks():
                 mask = None  # FlashAttention's varlen kernel: causal inside each sequence, given explicit boundaries
@@ -711,12 +712,17 @@ class SpeederModel(SpeederPreTrainedModel):
             return self.candidate_masks(embeds, attention_mask, candidate_segment_ids, query_index, candidate_token_index)
         return attention_mask
 
-    def _encode_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, candidate_token_index):
+    def _encode_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, query_index,
+                                             candidate_token_index):
         """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels
-        that take no arbitrary mask). Needs the processor's left-padded layout: the candidates' tokens close the row."""
+        that take no arbitrary mask). Needs the processor's left-padded layout, the candidates' tokens closing the row,
+        and checks that the stated indices are that layout (on the device: no host synchronisation)."""
         batch_size, num_candidates = candidate_token_index.shape
         k = self.config.tokens_per_item
         prefix_len = embeds.shape[1] - num_candidates * k
+        last_tokens = prefix_len - 1 + k * torch.arange(1, num_candidates + 1, device=candidate_token_index.device)
+        torch._assert_async((query_index == prefix_len - 1).all() & (candidate_token_index == last_tokens).all(),
+                            "the prefix-cache path needs the processor's left-padded layout (query, then the candidates)")
         prefix = self.backbone(
             inputs_embeds=embeds[:, :prefix_len],
             attention_mask=attention_mask[:, :prefix_len],

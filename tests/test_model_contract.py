@@ -105,6 +105,18 @@ def test_prefix_cache_path_matches_mask_path(family):
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_prefix_cache_path_refuses_a_layout_it_cannot_read():
+    """The prefix-cache path takes the shared prompt as the row minus the candidates' tokens: it checks the stated
+    query and candidate indices against that layout (on the device) instead of scoring the wrong tokens."""
+    model, processor = make_tiny("llama")
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    moved = dict(inputs, candidate_token_index=inputs["candidate_token_index"].flip(-1))  # a stated layout it is not
+    with torch.no_grad():
+        model(**inputs, candidate_scoring="prefix_cache")
+        with pytest.raises(RuntimeError, match="prefix-cache path needs the processor's left-padded layout"):
+            model(**moved, candidate_scoring="prefix_cache")
+
+
 def test_sliding_window_without_layer_types_keeps_candidates_a_set():
     """Mistral-style configs (one sliding_window, no layer_types) take the single sliding mask: candidates still
     form a set, and the one-pass path equals the prefix-cache path."""
