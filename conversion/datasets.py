@@ -554,8 +554,6 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
     of the items file (items nobody interacted with are negatives only; the summary counts them), or with
     `interacted_items_only` the items someone interacted with. Errors name the file and line. Returns (splits,
     items)."""
-    import csv
-
     interactions = Path(interactions)
     if not interactions.exists():
         raise FileNotFoundError(f"{interactions} does not exist")
@@ -565,24 +563,64 @@ def convert_csv(interactions: str | os.PathLike, items: str | os.PathLike | None
         if not rows:
             raise ValueError(f"{interactions} has no line 'user{delimiter}item item ...'")
         return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
-    with open(interactions, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of a column
+    rows = read_interactions(interactions, user_column, item_column, time_column, delimiter)
+    return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
+
+
+def read_interactions(path: Path, user_column: str = "user_id", item_column: str = "item_id",
+                      time_column: str | None = None, delimiter: str = ",") -> list[tuple[float, str, str]]:
+    """(time, user, item) per line of a CSV of interactions (`time_column` None: "timestamp" where the file has one,
+    else 0, the file's order); errors name the file and line."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of a column
         try:
             reader = csv.DictReader(f, delimiter=delimiter)
-            time_column = _check_csv_header(reader.fieldnames, interactions, user_column, item_column, time_column,
+            time_column = _check_csv_header(reader.fieldnames, path, user_column, item_column, time_column,
                                             delimiter)
             rows = []
             for line_no, r in enumerate(reader, start=2):
                 if not r.get(user_column) or not r.get(item_column):
-                    raise ValueError(f"{interactions}, line {line_no}: empty {user_column!r} or {item_column!r}")
-                when = 0.0 if time_column is None else _finite_time(r[time_column], interactions, line_no, time_column)
+                    raise ValueError(f"{path}, line {line_no}: empty {user_column!r} or {item_column!r}")
+                when = 0.0 if time_column is None else _finite_time(r[time_column], path, line_no, time_column)
                 rows.append((when, r[user_column], r[item_column]))
         except UnicodeDecodeError as err:  # names the file and line where Python's message names neither
-            with open(interactions, "rb") as raw:  # text is decoded in blocks: find the line again, on this path only
+            with open(path, "rb") as raw:  # text is decoded in blocks: find the line again, on this path only
                 line_no = next((n for n, line in enumerate(raw, start=1) if not _decodes(line)), "?")
-            raise ValueError(f"{interactions}, line {line_no}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
+            raise ValueError(f"{path}, line {line_no}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
     if not rows:
-        raise ValueError(f"{interactions} has a header but no interactions")
-    return _csv_splits(rows, items, item_column, delimiter, interacted_items_only, interactions, **split_kwargs)
+        raise ValueError(f"{path} has a header but no interactions")
+    return rows
+
+
+def user_sequences(rows) -> dict[str, list[str]]:
+    """user -> items in time order, from (time, user, item) rows (equal times keep the rows' order); users in the order
+    they first appear."""
+    sequences = {user: [] for _, user, _ in rows}
+    for _, user, item in sorted(rows, key=lambda r: r[0]):
+        sequences[user].append(item)
+    return sequences
+
+
+def read_histories(source, split: str = "test", **csv_columns) -> Dataset:
+    """Histories to recommend for (`speeder recommend`), with `user_id`, `history` and, where the input has them,
+    `candidates`: JSONL rows {"user_id", "history": [...], "candidates": [...]}; a CSV of interactions (user, item and
+    optional time columns, named by `csv_columns` as for `read_interactions`), grouped per user in time order; or a
+    canonical dataset folder's `split`."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / f"{split}.parquet").is_file():
+            raise ValueError(f"--input {path}: no {split}.parquet; expected a dataset folder from `speeder convert`")
+        return Dataset.from_parquet(str(path / f"{split}.parquet"))
+    if path.suffix not in (".jsonl", ".csv") or not path.is_file():
+        raise ValueError(f"--input {path}: expected an existing .jsonl or .csv file, or a dataset folder")
+    if path.suffix == ".csv":
+        sequences = user_sequences(read_interactions(path, **csv_columns))
+        return Dataset.from_dict({"user_id": list(sequences), "history": list(sequences.values())})
+    rows = Dataset.from_json(str(path))
+    if "history" not in rows.column_names:
+        raise ValueError(f"--input {path}: no history field (fields: {rows.column_names})")
+    return rows if "user_id" in rows.column_names else rows.add_column("user_id", [str(i) for i in range(len(rows))])
 
 
 def _check_csv_header(columns, path: Path, user_column: str, item_column: str, time_column: str | None,
@@ -623,10 +661,7 @@ def _csv_splits(rows, items, item_column, delimiter, interacted_items_only, inte
     """(splits, items) of CSV interactions (time, user, item) and an optional items CSV."""
     import csv
 
-    rows.sort(key=lambda r: r[0])  # stable: equal times (and files without a time column) keep file order
-    sequences = {}
-    for _, user, item in rows:
-        sequences.setdefault(user, []).append(item)
+    sequences = user_sequences(rows)
     interacted = {item for _, _, item in rows}
     titles, texts, images, ids = {}, {}, {}, sorted(interacted)
     summary.append(filter_step(f"interactions read from {Path(interactions).name}", sequences, catalog=len(ids)))
@@ -683,4 +718,5 @@ def save_features(data_dir: str | os.PathLike, features: Mapping[str, torch.Tens
 
 
 __all__ = ["convert_amazon2023", "convert_csv", "convert_lcrec", "convert_recbole", "convert_s3rec", "convert_unisrec",
-           "hold_out_items", "leave_one_out", "load_canonical", "movielens_100k_path", "save_features", "write_canonical"]
+           "hold_out_items", "leave_one_out", "load_canonical", "movielens_100k_path", "read_histories", "read_interactions",
+           "save_features", "user_sequences", "write_canonical"]

@@ -145,8 +145,6 @@ def convert(args):
     missing = [f"--{flag}" for flag in needs if not getattr(args, flag)]
     if missing:
         raise ValueError(f"--format {args.format} needs {' and '.join(missing)}")
-    if not args.delimiter:
-        raise ValueError("--delimiter is empty: expected one character, such as , or \\t")
     start = time.perf_counter()
     summary = []  # each filter step's kept and dropped users, items and interactions (stats.json "filters")
     split = dict(num_negatives=args.negatives, seed=args.seed, summary=summary)
@@ -164,7 +162,7 @@ def convert(args):
         splits, items = ds.convert_amazon2023(args.input, args.meta, k_core=args.k_core, **split)
     else:
         splits, items = ds.convert_csv(args.input, args.items, user_column=args.user_column, item_column=args.item_column,
-                                       time_column=args.time_column, delimiter=args.delimiter.replace("\\t", "\t"),
+                                       time_column=args.time_column, delimiter=_delimiter(args),
                                        sequences_per_line=args.sequences_per_line,
                                        interacted_items_only=args.interacted_items_only, **split)
     stats = ds.write_canonical(args.output, splits, items, features, source=f"{args.format}:{args.input or ''}",
@@ -402,14 +400,32 @@ def add_items_command(args):
 
 
 def recommend_command(args):
-    """Top-k recommendations for every history of a file, one JSON line per user, written atomically."""
-    from .recommendation import read_histories, recommend_to_file
+    """Top-k recommendations for every history of a file (`datasets.read_histories`), one JSON line per user
+    ({"user_id", "item_ids", "scores"}), through `recommend()`. Rows are read 4,096 at a time, so memory stays bounded
+    by that chunk and the catalog's item cache; the file is written beside `--output` and renamed into place."""
+    from tqdm.auto import tqdm
+
+    from .atomic_files import write_atomically
+    from .conversion.datasets import read_histories
 
     model, processor = load_checkpoint(args.model)
-    rows = read_histories(args.input, args.split)
-    count = recommend_to_file(model, processor, rows, args.output, top_k=args.top_k, candidates=args.candidates,
-                              exclude_history=not args.include_history, batch_size=args.batch_size)
-    print(json.dumps({"users": count, "top_k": args.top_k, "output": args.output}))
+    rows = read_histories(args.input, args.split, user_column=args.user_column, item_column=args.item_column,
+                          time_column=args.time_column, delimiter=_delimiter(args))
+    if args.candidates and "candidates" not in rows.column_names:
+        raise ValueError("--candidates: the input has no candidates field")
+
+    def write(partial):
+        with open(partial, "w", encoding="utf-8") as f, tqdm(total=len(rows), unit="user", desc="recommend") as bar:
+            for start in range(0, len(rows), 4096):
+                chunk = rows[start : start + 4096]
+                ranked = model.recommend(chunk["history"], chunk["candidates"] if args.candidates else None,
+                                         top_k=args.top_k, processor=processor, batch_size=args.batch_size,
+                                         exclude_history=not args.include_history)
+                f.writelines(json.dumps({"user_id": user, **result}) + "\n" for user, result in zip(chunk["user_id"], ranked))
+                bar.update(len(ranked))
+
+    write_atomically(args.output, write)
+    print(json.dumps({"users": len(rows), "top_k": args.top_k, "output": args.output}))
 
 
 def load_checkpoint(path: str):
@@ -529,11 +545,7 @@ def _add_data_commands(commands):
     p.add_argument("--name", help="file stem inside the folder, e.g. Scientific, Beauty, ml-100k")
     p.add_argument("--meta", help="amazon2023: the meta JSONL file")
     p.add_argument("--items", help="csv: an optional items CSV")
-    p.add_argument("--user-column", default="user_id", help="csv: the user column")
-    p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
-    p.add_argument("--time-column", default=None,
-                   help="csv: the time column (default: 'timestamp' when the file has one, else the file's order)")
-    p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
+    _add_csv_columns(p)
     p.add_argument("--sequences-per-line", action="store_true",
                    help="csv: a headerless file of one user per line, 'user<delimiter>item item ...' oldest first")
     p.add_argument("--interacted-items-only", action="store_true",
@@ -558,6 +570,20 @@ def _add_data_commands(commands):
     p.add_argument("--collaborative", action="store_true", help="train SASRec; its item embeddings become 'id'")
     p.add_argument("--sasrec-epochs", type=POSITIVE_INT, default=200, help="most SASRec epochs; early stopping on validation")
     p.set_defaults(run=features)
+
+
+def _delimiter(args) -> str:
+    if not args.delimiter:
+        raise ValueError("--delimiter is empty: expected one character, such as , or \\t")
+    return args.delimiter.replace("\\t", "\t")
+
+
+def _add_csv_columns(p):
+    p.add_argument("--user-column", default="user_id", help="csv: the user column")
+    p.add_argument("--item-column", default="item_id", help="csv: the item column (also in --items)")
+    p.add_argument("--time-column", default=None,
+                   help="csv: the time column (default: 'timestamp' when the file has one, else the file's order)")
+    p.add_argument("--delimiter", default=",", help="csv: the field delimiter (\\t or a tab for TSV)")
 
 
 def _add_model_commands(commands, show_research: bool):
@@ -598,6 +624,7 @@ def _add_model_commands(commands, show_research: bool):
     p.add_argument("--input", required=True, help="JSONL (user_id, history, optional candidates), a CSV of interactions "
                                                   "(user_id, item_id, optional timestamp) or a dataset folder")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="with a dataset folder")
+    _add_csv_columns(p)
     p.add_argument("--output", required=True, help="the JSONL file to write (atomically)")
     p.add_argument("--top-k", type=POSITIVE_INT, default=10, help="recommendations per user")
     p.add_argument("--candidates", action="store_true", help="rank each row's candidates instead of the whole catalog")

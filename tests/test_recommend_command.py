@@ -68,7 +68,7 @@ def test_a_failed_run_leaves_the_previous_output_and_no_temporary(checkpoint, tm
         run(["recommend", "--model", str(folder), "--input", str(source), "--output", str(output)])
     assert output.read_text() == "previous\n" and not [p for p in tmp_path.iterdir() if "partial" in p.name]
     for name, text, message in (("h.txt", "x", "expected an existing .jsonl or .csv file"),
-                                ("h.csv", "user,item\n", "expected user_id and item_id columns"),
+                                ("h.csv", "user,item\n", r"has no \['user_id', 'item_id'\] column"),
                                 ("h.jsonl", json.dumps({"items": ["item1"]}) + "\n", "no history field")):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=message):
