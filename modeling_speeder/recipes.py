@@ -218,7 +218,8 @@ def train(model, processor, splits, output: Path, settings: TrainArguments | Non
     output = Path(output)
     teacher = checked_teacher(model, processor, settings, teacher)
     set_heads(model, settings.head)
-    trainer, mpo_callback, divergence = make_trainer(model, processor, splits, output, settings, teacher,
+    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
+    trainer, mpo_callback, divergence = make_trainer(model, processor, splits, output, settings, teacher, counts,
                                                      {k: v for k, v in overrides.items() if k not in names})
     checkpoint = None
     if settings.resume:
@@ -237,7 +238,6 @@ def train(model, processor, splits, output: Path, settings: TrainArguments | Non
     report = training_report(trainer, settings, mpo_callback, divergence, train_seconds, checkpoint)
     report.update({} if dataset is None else {"dataset": dataset})
     if trainer.args.process_index == 0:
-        counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
         for split in report_splits:
             report[split] = evaluate_split(model, processor, select(splits[split], settings.eval_rows), counts)
         write_report(output, report)
@@ -269,9 +269,11 @@ def set_heads(model, head: str):
         model.config.candidate_loss_weight = model.config.candidate_loss_weight or 1.0
 
 
-def make_trainer(model, processor, splits, output: Path, settings: TrainArguments, teacher, training_kwargs: dict):
+def make_trainer(model, processor, splits, output: Path, settings: TrainArguments, teacher, counts,
+                 training_kwargs: dict):
     """(SpeederTrainer, MPO callback or None, divergence callback): the training rows, collator, schedule, selection
-    and callbacks of `settings`; `training_kwargs` override any `TrainingArguments` field."""
+    and callbacks of `settings`; `counts`: training interactions per item; `training_kwargs` override any
+    `TrainingArguments` field."""
     dense = settings.head == "catalog-dense"
     train_rows = dense_training_rows(splits, model.config.max_history) if dense else splits["train"]
     args, mpo_callback = trainer_arguments(model, output, settings, train_rows, training_kwargs)
@@ -286,7 +288,6 @@ def make_trainer(model, processor, splits, output: Path, settings: TrainArgument
         def extra_metrics(trained):  # candidates and the whole catalog (history excluded), one pass
             metrics = evaluate_split(unwrap_speeder(trained), processor, selection)
             return {k: v for k, v in metrics.items() if isinstance(v, float)}
-    counts = training_item_counts(splits, {item: row for row, item in enumerate(processor.item_ids)})
     min_count = settings.distillation_min_count
     catalog_negatives = settings.catalog_negatives
     if catalog_negatives is None:
@@ -342,10 +343,9 @@ def training_report(trainer, settings: TrainArguments, mpo_callback, divergence,
     """What ran: steps, time, selection, the catalog loss, distillation and the MPO schedule as it was applied."""
     state, config = trainer.state, unwrap_speeder(trainer.model).config
     negatives = trainer.data_collator.catalog_negatives
-    steps_per_epoch = max(1, -(-len(trainer.train_dataset) // (settings.batch_size * settings.gradient_accumulation_steps)))
     stages = mpo_callback.plan(trainer.model, state.max_steps) if mpo_callback else []
     return {"head": settings.head, "catalog_items": config.num_items, "train_seconds": round(train_seconds, 1),
-            "steps": state.global_step, "epochs": round(state.global_step / steps_per_epoch, 2),
+            "steps": state.global_step, "epochs": round(state.epoch, 2),
             "training_rows": len(trainer.train_dataset), "best_checkpoint": state.best_model_checkpoint,
             "selection_metric": settings.selection_metric, "best_validation_metric": state.best_metric,
             "examples_per_second": round(state.global_step * settings.batch_size * settings.gradient_accumulation_steps
