@@ -73,12 +73,8 @@ def main():
     from modeling_speeder.cli import DEMO_SELECTION_ROWS
     from modeling_speeder.conversion.build import add_items
     from modeling_speeder.conversion.datasets import hold_out_items, load_canonical, write_canonical
-    from modeling_speeder.evaluation import (
-        content_knn_baseline,
-        content_vectors,
-        popularity_baseline,
-        training_item_counts,
-    )
+    from modeling_speeder.evaluation import content_knn_baseline, popularity_baseline, training_item_counts
+    from modeling_speeder.modeling_speeder import content_vectors
     from modeling_speeder.sasrec import evaluate_sasrec
 
     register()

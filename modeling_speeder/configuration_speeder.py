@@ -43,7 +43,8 @@ class SpeederConfig(PreTrainedConfig):
 
     model_type = "speeder"
     # Trainer.predict / evaluate keep only the candidate scores as "logits".
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["catalog_scores", "query_hidden_state", "hidden_states"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["catalog_scores", "query_hidden_state", "catalog_query",
+                                                        "hidden_states"]
     sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
 
     text_config: dict | PreTrainedConfig | None = None  # the backbone LLM, built with AutoModel.from_config
@@ -70,6 +71,10 @@ class SpeederConfig(PreTrainedConfig):
     candidate_loss_weight: float = 1.0  # cross-entropy over the candidate scores
     catalog_loss_weight: float = 0.0  # cross-entropy over the whole catalog (full softmax)
     catalog_item_bias: bool = False  # a learned per-item bias on catalog-head scores (popularity prior)
+    # Catalog-head scores add this weight x the cosine between the frozen text / image content of the query's latest
+    # history item and of the scored item (`SpeederForSequentialRecommendation.catalog_query`); 0: none. Chosen on
+    # validation after training (`recipes.calibrate_content_affinity`), as a late fusion with a content kNN.
+    content_affinity: float = 0.0
     # Which head ranks a candidate set: "candidate" (candidates in the prompt, the linear head on their last states)
     # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
     # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).
@@ -106,6 +111,8 @@ class SpeederConfig(PreTrainedConfig):
             raise ValueError("Give either modality_dims['id'] (collaborative features) or learned_id_dim, not both")
         if self.tokens_per_item < 1:
             raise ValueError(f"tokens_per_item must be >= 1, got {self.tokens_per_item}")
+        if not 0.0 <= self.content_affinity < float("inf"):
+            raise ValueError(f"content_affinity must be a finite weight >= 0, got {self.content_affinity}")
         for name in ("item_dropout", "catalog_id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

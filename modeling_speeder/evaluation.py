@@ -135,14 +135,6 @@ def popularity_baseline(splits, item_index, data) -> dict:
     return report_for(candidate_scores, labels, ranks, [len(h) for h in histories], targets.tolist(), counts, raw_ranks)
 
 
-def content_vectors(features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N, D) each item's frozen content: every modality's features L2-normalised (zero where absent), concatenated and
-    normalised again, so the dot product of two items is the cosine of their content, every modality weighing alike."""
-    parts = [F.normalize(x.float(), dim=-1) * presence.get(m, torch.ones(len(x), dtype=torch.bool))[:, None]
-             for m, x in sorted(features.items())]
-    return F.normalize(torch.cat(parts, dim=-1), dim=-1)
-
-
 def content_knn_scores(vectors: torch.Tensor, histories: Sequence[Sequence[int]], last: int) -> torch.Tensor:
     """(B, N) the content k-nearest-neighbour recommender, the standard cold-start baseline: the cosine between every
     item's content and the mean content of each user's `last` most recent history items. vectors: (N, D)."""
@@ -194,7 +186,6 @@ __all__ = [
     "bucketed",
     "content_knn_baseline",
     "content_knn_scores",
-    "content_vectors",
     "full_ranking_metrics",
     "history_bucket_names",
     "popularity_baseline",

@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 
 from .atomic_files import copy_entry, folder_written_atomically
 from .configuration_speeder import SpeederConfig
-from .recommendation import check_processor, recommend
+from .recommendation import check_processor, own_affinity, recommend
 
 
 def candidate_isolation_mask_function(segment_ids: torch.Tensor):
@@ -101,6 +101,14 @@ def check_feature_bank(features: dict[str, torch.Tensor], presence: torch.Tensor
         raise ValueError(f"Items {empty[:10].tolist()} have no modality present; every item needs at least one")
 
 
+def content_vectors(features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, D) each item's frozen content: every modality's features L2-normalised (zero where absent), concatenated and
+    normalised again, so the dot product of two items is the cosine of their content, every modality weighing alike."""
+    parts = [F.normalize(x.float(), dim=-1) * presence.get(m, torch.ones(len(x), dtype=torch.bool, device=x.device))[:, None]
+             for m, x in sorted(features.items())]
+    return F.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+
 # The files save_pretrained writes for the weights: a previous save's are not carried over (a user's other files are).
 WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
@@ -129,6 +137,8 @@ class SpeederRecommendationOutput(ModelOutput):
     candidate_scores: (B, C) one score per candidate, from one forward pass.
     catalog_scores: (B, N) query-to-item scores over the whole catalog, when asked for.
     query_hidden_state: (B, H) hidden state of the query token (input of the catalog head).
+    catalog_query: (B, H [+ D]) the catalog head's query vectors (`catalog_query`): with `catalog_item_vectors` and
+        the per-item bias, what an approximate-nearest-neighbour index of the catalog serves.
     hidden_states: backbone hidden states (embeddings, then each layer), when asked for.
     attentions: backbone attention weights per layer, when asked for (eager attention computes them).
     dense_catalog_scores: (n_labelled, N) with `dense_catalog_labels`, the catalog scores of the labelled positions in
@@ -139,6 +149,7 @@ class SpeederRecommendationOutput(ModelOutput):
     candidate_scores: torch.FloatTensor | None = None
     catalog_scores: torch.FloatTensor | None = None
     query_hidden_state: torch.FloatTensor | None = None
+    catalog_query: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     dense_catalog_scores: torch.FloatTensor | None = None
@@ -182,6 +193,12 @@ class SpeederModalityExperts(nn.Module):
         if modality == "id" and self.id_embedding is not None:
             return self.id_embedding(rows)
         return getattr(self, f"features_{modality}")[rows]
+
+    def content(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, D) the frozen text / image content of catalog `rows` (`content_vectors`), as the bank stores it."""
+        kept = [m for m in self.modalities if m != "id"]
+        return content_vectors({m: self.features(m, rows) for m in kept},
+                               {m: self.presence[rows, self.modalities.index(m)] for m in kept})
 
     def forward(self, rows: torch.Tensor, active: torch.Tensor, hidden: torch.Tensor | None = None):
         """rows: (n,) catalog indices; active: (n, M) or (M,) bool, the modalities MPO lets through; hidden: (n, M)
@@ -405,6 +422,7 @@ class SpeederModel(SpeederPreTrainedModel):
         self.register_buffer("modality_keep_prob", torch.ones(len(self.mrc.modalities)), persistent=False)
         self._item_cache = None  # (N, K, H) item tokens for inference, built by cache_item_tokens()
         self._item_repr_cache = None  # (N, H) their catalog-head representations
+        self._item_content_cache = None  # (N, D) their frozen content, with config.content_affinity
         self._item_cache_key = None  # the state of the weights the cache was computed from
         self.post_init()
 
@@ -497,11 +515,13 @@ class SpeederModel(SpeederPreTrainedModel):
         self._item_cache = torch.cat([self.mrc(r, self.active_modalities)[0] for r in rows.split(chunk_size)])
         # Scored by the catalog head; a view when K = 1, computed once otherwise (not per call: (N, H) is large).
         self._item_repr_cache = self._item_cache[:, 0] if self.config.tokens_per_item == 1 else self._item_cache.mean(1)
+        if self.config.content_affinity:
+            self._item_content_cache = torch.cat([self.mrc.content(r) for r in rows.split(chunk_size)])
         self._item_cache_key = (*self._item_weights_key(), self._mrc_checksum())
         return self._item_cache
 
     def clear_item_cache(self):
-        self._item_cache = self._item_repr_cache = self._item_cache_key = None
+        self._item_cache = self._item_repr_cache = self._item_content_cache = self._item_cache_key = None
 
     def _item_weights_key(self) -> tuple:
         """Storage, version counter and dtype of every tensor the item tokens depend on: any in-place update
@@ -548,6 +568,14 @@ class SpeederModel(SpeederPreTrainedModel):
             hidden[:, j] = has_content & (torch.rand(len(rows), device=rows.device) < self.config.catalog_id_dropout)
         vectors = self.mrc(rows, self.active_modalities, hidden)[0].mean(1)  # (rows, H)
         return vectors if item_rows is None else vectors.view(*item_rows.shape, -1)
+
+    def item_content(self, item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) every catalog item's frozen content (`SpeederModalityExperts.content`), or (*shape, D) of `item_rows`."""
+        if not self.training and self.item_cache_is_current() and self._item_content_cache is not None:
+            return self._item_content_cache if item_rows is None else self._item_content_cache[item_rows]
+        rows = torch.arange(self.config.num_items, device=self.device) if item_rows is None else item_rows.flatten()
+        content = self.mrc.content(rows)
+        return content if item_rows is None else content.view(*item_rows.shape, -1)
 
     # ----- prompt embedding and masks -----
 
@@ -656,6 +684,7 @@ class SpeederModel(SpeederPreTrainedModel):
         query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
         candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
         candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
+        last_item_index: torch.LongTensor | None = None,  # (B, T) the processor's; read by the catalog head only
         modality_mask: torch.BoolTensor | None = None,  # (B, M) per-example MPO ramp mask
         output_hidden_states: bool | None = None,  # None: config.output_hidden_states
         output_attentions: bool | None = None,  # None: config.output_attentions
@@ -788,6 +817,11 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         self.catalog_item_bias = zero_at_build(nn.Embedding(config.num_items, 1)) if config.catalog_item_bias else None
         self.post_init()
 
+    @property
+    def content_affinity(self) -> float:
+        """The weight of the content affinity on catalog-head scores (`catalog_query`); 0 without text / image."""
+        return self.config.content_affinity if any(m != "id" for m in self.mrc.modalities) else 0.0
+
     # The headless model's parts and catalog methods, as Llava's ForConditionalGeneration exposes its model's.
     @property
     def backbone(self):
@@ -823,16 +857,50 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             append_rows(self.catalog_item_bias, bias.detach().median().expand(n, 1))
         return n
 
-    def catalog_logits(self, hidden: torch.Tensor, item_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, N) catalog-head scores of n query states (n, H): projected query . item representation, plus a learned
-        per-item bias (the popularity prior a free item embedding carries in its norm, which RMS-normalised item
-        tokens cannot). With `item_rows`, the scores of those catalog rows only: (U,) shared by every query gives
-        (n, U); (n, C), one set per query (its candidates), gives (n, C)."""
-        query, items = self.query_proj(hidden), self.model.item_representations(item_rows)  # (n, H); (N or U, H) or (n, C, H)
+    def catalog_query(self, hidden: torch.Tensor, anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H [+ D]) the catalog head's query vectors of n states (n, H): the projected state and, with the content
+        affinity, the frozen content of each state's latest history item (`anchor_rows` (n,), the processor's
+        `last_item_index` there) times a learned weight. Dotted with `catalog_item_vectors`, the affinity adds
+        weight x cos(content of the latest item, content of the scored item): the content kNN's signal, which reaches
+        items with few or no interactions, where the learned vectors know least."""
+        query = self.query_proj(hidden)
+        if not self.content_affinity:
+            return query
+        if anchor_rows is None:
+            raise ValueError("This model's catalog head reads each query's latest history item: pass anchor_rows (the "
+                             "processor's last_item_index at the query)")
+        content = self.model.item_content(anchor_rows.clamp(min=0)).to(query.dtype)
+        return torch.cat([query, self.content_affinity * content], -1)
+
+    def catalog_item_vectors(self, item_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H [+ D]) what `catalog_query` vectors are dotted with: each item's representation (the mean of its K
+        tokens) and, with the content affinity, its frozen content; (*shape, H [+ D]) of the catalog rows `item_rows`."""
+        items = self.model.item_representations(item_rows)
+        if not self.content_affinity:
+            return items
+        return torch.cat([items, self.model.item_content(item_rows).to(items.dtype)], -1)
+
+    def score_items(self, query: torch.Tensor, item_rows: torch.Tensor | None = None,
+                    anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, N) catalog-head scores of n `catalog_query` vectors: query . item vector, plus a learned per-item bias (the
+        popularity prior a free item embedding carries in its norm, which RMS-normalised item tokens cannot). With
+        `item_rows`, the scores of those catalog rows only: (U,) shared by every query gives (n, U); (n, C), one set
+        per query (its candidates), gives (n, C). The latest item (`anchor_rows` (n,)) is not its own content neighbour,
+        as a kNN leaves its query out: its affinity with itself is taken out of its score."""
+        items = self.catalog_item_vectors(item_rows)  # (N or U, H') or (n, C, H')
         scores = query @ items.T if items.dim() == 2 else (items @ query[:, :, None]).squeeze(-1)
+        if self.content_affinity:
+            rows = torch.arange(self.config.num_items, device=query.device) if item_rows is None else item_rows
+            own = rows == anchor_rows.clamp(min=0)[:, None]  # (n, N or U or C)
+            scores = scores - own * own_affinity(query, self.model.item_content(anchor_rows.clamp(min=0)))[:, None]
         if self.catalog_item_bias is None:
             return scores
         return scores + (self.catalog_item_bias.weight[:, 0] if item_rows is None else self.catalog_item_bias(item_rows)[..., 0])
+
+    def catalog_logits(self, hidden: torch.Tensor, item_rows: torch.Tensor | None = None,
+                       anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`score_items` of the `catalog_query` vectors of states `hidden` (n, H) with latest items `anchor_rows` (n,)."""
+        return self.score_items(self.catalog_query(hidden, anchor_rows), item_rows, anchor_rows)
 
     def catalog_loss(self, scores, labels, item_rows=None, item_log_q=None, reduction="mean"):
         """Cross-entropy of the catalog head. scores: (n, N) over the catalog, or (n, U) over the sampled rows
@@ -854,19 +922,19 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         corrected = corrected.scatter(1, column.clamp(min=0)[:, None], positive)
         return F.cross_entropy(corrected, column, ignore_index=-100, reduction=reduction)
 
-    def _candidate_scores(self, out: SpeederModelOutput, catalog_candidates=None, catalog_scores=None):
+    def _candidate_scores(self, out: SpeederModelOutput, query, anchors, catalog_candidates=None, catalog_scores=None):
         """(B, C) by the candidate head for candidates in the prompt, else by the catalog head for the catalog rows
         `catalog_candidates` (B, C) (gathered from `catalog_scores` when computed anyway, else only those items
-        encoded); None without candidates."""
+        encoded) with the `catalog_query` vectors `query`; None without candidates."""
         if out.candidate_hidden_states is not None:
             return self.candidate_head(out.candidate_hidden_states).squeeze(-1)
         if catalog_candidates is None:
             return None
         if catalog_scores is not None:
             return catalog_scores.gather(1, catalog_candidates)
-        return self.catalog_logits(out.query_hidden_state, catalog_candidates)
+        return self.score_items(query, catalog_candidates, anchors)
 
-    def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query_state,
+    def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query, anchors,
               sampled: dict):
         """The weighted sum of the candidate cross-entropy (of whichever head scored the candidates, with that head's
         weight) and the catalog loss: the dense one, which already covers the last prefix, or the query's over the
@@ -878,20 +946,24 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         if dense_loss is not None:
             losses.append(self.config.catalog_loss_weight * dense_loss)
         elif catalog_labels is not None:
-            scores = catalog_scores if sampled["item_rows"] is None else self.catalog_logits(query_state, sampled["item_rows"])
+            scores = catalog_scores if sampled["item_rows"] is None else self.score_items(query, sampled["item_rows"], anchors)
             losses.append(self.config.catalog_loss_weight * self.catalog_loss(scores, catalog_labels, **sampled))
         return sum(losses[1:], losses[0]) if losses else None
 
-    def _dense_catalog_loss(self, last_hidden_state, dense_catalog_labels, sampled: dict, normalizer=None):
+    def _dense_catalog_loss(self, last_hidden_state, dense_catalog_labels, last_item_index, sampled: dict,
+                            normalizer=None):
         """(loss, scores): every history item's hidden state queries the item that followed it, all prefixes in one
         pass; summed and divided by `normalizer` when given (length-grouped batches), else the mean."""
         reduction = "mean" if normalizer is None else "sum"
+        anchors = last_item_index if self.content_affinity else None
         if torch.compiler.is_compiling():  # fixed shapes: every position scored, unlabelled ones ignored
-            scores = self.catalog_logits(last_hidden_state.flatten(0, 1), sampled["item_rows"])  # (B * T, N or U)
+            scores = self.catalog_logits(last_hidden_state.flatten(0, 1), sampled["item_rows"],
+                                         None if anchors is None else anchors.flatten())  # (B * T, N or U)
             loss = self.catalog_loss(scores, dense_catalog_labels.flatten(), **sampled, reduction=reduction)
         else:  # eagerly, only the labelled positions (a data-dependent shape, cheaper with padding)
             keep = dense_catalog_labels >= 0
-            scores = self.catalog_logits(last_hidden_state[keep], sampled["item_rows"])  # (n_prefixes, N or U)
+            scores = self.catalog_logits(last_hidden_state[keep], sampled["item_rows"],
+                                         None if anchors is None else anchors[keep])  # (n_prefixes, N or U)
             loss = self.catalog_loss(scores, dense_catalog_labels[keep], **sampled, reduction=reduction)
         return (loss if normalizer is None else loss / normalizer), scores
 
@@ -906,6 +978,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         query_index: torch.LongTensor | None = None,
         candidate_token_index: torch.LongTensor | None = None,
         candidate_segment_ids: torch.LongTensor | None = None,
+        last_item_index: torch.LongTensor | None = None,  # (B, T) latest history item at each token (content affinity)
         # The heads' inputs.
         candidate_item_index: torch.LongTensor | None = None,  # (B, C) catalog rows of the candidates
         labels: torch.LongTensor | None = None,  # (B,) position of the target among the candidates
@@ -938,21 +1011,28 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True, candidate_scoring=candidate_scoring, **kwargs)
+        if self.content_affinity and last_item_index is None:
+            raise ValueError("This model's catalog head reads each token's latest history item: pass the processor's "
+                             "last_item_index (its whole output)")
         sampled = dict(item_rows=catalog_item_rows, item_log_q=catalog_item_log_q)
         dense_loss = dense_scores = None
         if dense_catalog_labels is not None:
-            dense_loss, dense_scores = self._dense_catalog_loss(out.last_hidden_state, dense_catalog_labels, sampled,
-                                                                dense_loss_normalizer)
+            dense_loss, dense_scores = self._dense_catalog_loss(out.last_hidden_state, dense_catalog_labels,
+                                                                last_item_index, sampled, dense_loss_normalizer)
+        query_rows = _examples(input_ids, query_index, kwargs.get("cu_seq_lens_q"))[1]
+        anchors = last_item_index[query_rows, query_index] if self.content_affinity else None  # (B,)
+        query = self.catalog_query(out.query_hidden_state, anchors)  # (B, H [+ D])
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)
-        catalog_scores = self.catalog_logits(out.query_hidden_state) if full else None  # (B, N)
-        candidate_scores = self._candidate_scores(out, None if in_prompt else candidate_item_index, catalog_scores)
+        catalog_scores = self.score_items(query, None, anchors) if full else None  # (B, N)
+        candidate_scores = self._candidate_scores(out, query, anchors, None if in_prompt else candidate_item_index,
+                                                  catalog_scores)
         loss = self._loss(candidate_scores, labels, in_prompt, dense_loss,
-                          catalog_labels if wants_catalog_loss else None, catalog_scores, out.query_hidden_state, sampled)
+                          catalog_labels if wants_catalog_loss else None, catalog_scores, query, anchors, sampled)
         output = SpeederRecommendationOutput(
             loss=loss, candidate_scores=candidate_scores, catalog_scores=catalog_scores,
-            query_hidden_state=out.query_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions,
-            dense_catalog_scores=dense_scores)
+            query_hidden_state=out.query_hidden_state, catalog_query=query, hidden_states=out.hidden_states,
+            attentions=out.attentions, dense_catalog_scores=dense_scores)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     @property

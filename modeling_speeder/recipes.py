@@ -24,6 +24,7 @@ from .conversion.datasets import (
 from .conversion.features import collaborative_features, encode_texts
 from .evaluation import (
     NUM_NEGATIVES,
+    full_ranking_metrics,
     popularity_baseline,
     ranking_metrics,
     report_for,
@@ -233,9 +234,12 @@ def train(model, processor, splits, output: Path, settings: TrainArguments | Non
     if settings.lora_r:
         model.save_pretrained(output / "adapter")
         model = model.merge_and_unload()
+    affinity = calibrate_content_affinity(model, processor, select(splits["validation"], settings.selection_rows),
+                                          settings.selection_metric)
     model.save_pretrained(output / "model")
     processor.save_pretrained(output / "model")
     report = training_report(trainer, settings, mpo_callback, divergence, train_seconds, checkpoint)
+    report["content_affinity"] = {"weight": model.config.content_affinity, "validation": affinity}
     report.update({} if dataset is None else {"dataset": dataset})
     if trainer.args.process_index == 0:
         for split in report_splits:
@@ -362,6 +366,48 @@ def training_report(trainer, settings: TrainArguments, mpo_callback, divergence,
                               "trainable": stage.get("trainable", [])}
                              for stage in stages if stage["start"] < state.global_step],
             "diverged_at_step": divergence.diverged_at, "log_history": state.log_history}
+
+
+# The content-affinity weights `calibrate_content_affinity` chooses among (0: none); measured best on validation 0.5 to
+# 5 across the demo datasets (BENCHMARKS.md).
+CONTENT_AFFINITY_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+@torch.inference_mode()
+def calibrate_content_affinity(model, processor, data, metric: str, batch_size: int = 64) -> dict:
+    """Choose the trained model's `config.content_affinity` on validation rows `data`: the weight among
+    CONTENT_AFFINITY_WEIGHTS whose catalog-head ranking scores best on the selection `metric` (whole catalog with the
+    history excluded, or the stored candidates), the smallest on a tie, so 0 unless the affinity helps. Scores are
+    linear in the weight, so each batch is scored at weights 0 and 1 and every weight's ranking follows. Returns
+    {weight: metric value}; a model without text or image content keeps 0 and gets {}."""
+    if not any(m != "id" for m in model.mrc.modalities):
+        model.config.content_affinity = 0.0
+        return {}
+    model.eval()
+    candidates, ranks, labels = {w: [] for w in CONTENT_AFFINITY_WEIGHTS}, {w: [] for w in CONTENT_AFFINITY_WEIGHTS}, []
+    for start in range(0, len(data), batch_size):
+        rows = data[start : start + batch_size]
+        inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"],
+                           candidates_in_prompt=False).to(model.device)
+        scored = []
+        for weight in (0.0, 1.0):
+            model.config.content_affinity = weight
+            scored.append(model(**inputs, return_catalog_scores=True).catalog_scores.float())
+        histories = [[processor.item_index(i) for i in h] for h in rows["history"]]
+        targets = inputs["catalog_labels"]
+        for weight in CONTENT_AFFINITY_WEIGHTS:
+            scores = scored[0] + weight * (scored[1] - scored[0])  # (B, N)
+            candidates[weight].append(scores.gather(1, inputs["candidate_item_index"]).cpu())
+            ranks[weight].append(target_ranks(exclude_history(scores, histories, keep=targets), targets).cpu())
+        labels.append(inputs["labels"].cpu())
+    measured = {}
+    for weight in CONTENT_AFFINITY_WEIGHTS:
+        values = {**full_ranking_metrics(torch.cat(ranks[weight])),
+                  **ranking_metrics(torch.cat(candidates[weight]).numpy(), torch.cat(labels).numpy())}
+        measured[weight] = float(values[metric])
+    model.config.content_affinity = max(measured, key=lambda w: (measured[w], -w))
+    model.model.clear_item_cache()
+    return measured
 
 
 def select(data, rows):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from modeling_speeder.conversion.datasets import hold_out_items, leave_one_out
-from modeling_speeder.evaluation import content_knn_baseline, content_knn_scores, content_vectors
+from modeling_speeder.evaluation import content_knn_baseline, content_knn_scores
+from modeling_speeder.modeling_speeder import content_vectors
 
 
 def synthetic_splits(users=60, items=80, seed=0):

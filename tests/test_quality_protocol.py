@@ -128,7 +128,12 @@ def test_speeder_is_selected_on_validation(tmp_path, metric):
     best = max(evaluations, key=lambda e: e[key])  # the first of equals, as the Trainer keeps it
     assert report["selection_metric"] == metric and report["best_validation_metric"] == pytest.approx(best[key])
     assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
-    assert report["validation"][metric] == pytest.approx(best[key], abs=1e-5)
+    # Then the content-affinity weight is chosen on the same rows and metric: weight 0 is the selected checkpoint as
+    # it was, and the served model scores what the chosen weight measured.
+    affinity = report["content_affinity"]
+    assert affinity["validation"][0.0] == pytest.approx(best[key], abs=1e-5)
+    assert affinity["validation"][affinity["weight"]] == max(affinity["validation"].values())
+    assert report["validation"][metric] == pytest.approx(affinity["validation"][affinity["weight"]], abs=1e-5)
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["test"]["by_target_popularity"] and saved["test"]["by_history_length"]
     splits, *_ = load_canonical(tmp_path / "data")

@@ -27,7 +27,8 @@ from modeling_speeder.conversion.build import build_speeder, make_word_tokenizer
 
 
 class SpeederModelTester:
-    """Builds a tiny Speeder (text + image features, a learned id table) and one real processor batch."""
+    """Builds a tiny Speeder (text + image features, a learned id table, the content affinity) and one real processor
+    batch."""
 
     def __init__(self, parent, family: str, candidates: bool):
         self.parent, self.family, self.candidates = parent, family, candidates
@@ -44,7 +45,7 @@ class SpeederModelTester:
         features, presence = make_catalog_features(0)
         return build_speeder(BACKBONES[self.family](), make_word_tokenizer([PROMPT_TEXT]), ITEM_IDS, features, presence,
                              learned_id_dim=8, expert_hidden_size=32, max_history=8, catalog_loss_weight=1.0,
-                             candidate_loss_weight=1.0 if self.candidates else 0.0)
+                             candidate_loss_weight=1.0 if self.candidates else 0.0, content_affinity=1.5)
 
     def get_config(self):
         # A fresh config, as a tester's get_config gives: not the one a built model has resolved (its attention
