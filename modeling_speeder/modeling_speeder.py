@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 
 from .atomic_files import copy_entry, folder_written_atomically
 from .configuration_speeder import SpeederConfig
-from .recommendation import check_processor, own_affinity, recommend
+from .recommendation import check_processor, recommend
 
 
 def candidate_isolation_mask_function(segment_ids: torch.Tensor):
@@ -880,19 +880,13 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             return items
         return torch.cat([items, self.model.item_content(item_rows).to(items.dtype)], -1)
 
-    def score_items(self, query: torch.Tensor, item_rows: torch.Tensor | None = None,
-                    anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def score_items(self, query: torch.Tensor, item_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(n, N) catalog-head scores of n `catalog_query` vectors: query . item vector, plus a learned per-item bias (the
         popularity prior a free item embedding carries in its norm, which RMS-normalised item tokens cannot). With
         `item_rows`, the scores of those catalog rows only: (U,) shared by every query gives (n, U); (n, C), one set
-        per query (its candidates), gives (n, C). The latest item (`anchor_rows` (n,)) is not its own content neighbour,
-        as a kNN leaves its query out: its affinity with itself is taken out of its score."""
+        per query (its candidates), gives (n, C)."""
         items = self.catalog_item_vectors(item_rows)  # (N or U, H') or (n, C, H')
         scores = query @ items.T if items.dim() == 2 else (items @ query[:, :, None]).squeeze(-1)
-        if self.content_affinity:
-            rows = torch.arange(self.config.num_items, device=query.device) if item_rows is None else item_rows
-            own = rows == anchor_rows.clamp(min=0)[:, None]  # (n, N or U or C)
-            scores = scores - own * own_affinity(query, self.model.item_content(anchor_rows.clamp(min=0)))[:, None]
         if self.catalog_item_bias is None:
             return scores
         return scores + (self.catalog_item_bias.weight[:, 0] if item_rows is None else self.catalog_item_bias(item_rows)[..., 0])
@@ -900,7 +894,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def catalog_logits(self, hidden: torch.Tensor, item_rows: torch.Tensor | None = None,
                        anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
         """`score_items` of the `catalog_query` vectors of states `hidden` (n, H) with latest items `anchor_rows` (n,)."""
-        return self.score_items(self.catalog_query(hidden, anchor_rows), item_rows, anchor_rows)
+        return self.score_items(self.catalog_query(hidden, anchor_rows), item_rows)
 
     def catalog_loss(self, scores, labels, item_rows=None, item_log_q=None, reduction="mean"):
         """Cross-entropy of the catalog head. scores: (n, N) over the catalog, or (n, U) over the sampled rows
@@ -922,7 +916,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         corrected = corrected.scatter(1, column.clamp(min=0)[:, None], positive)
         return F.cross_entropy(corrected, column, ignore_index=-100, reduction=reduction)
 
-    def _candidate_scores(self, out: SpeederModelOutput, query, anchors, catalog_candidates=None, catalog_scores=None):
+    def _candidate_scores(self, out: SpeederModelOutput, query, catalog_candidates=None, catalog_scores=None):
         """(B, C) by the candidate head for candidates in the prompt, else by the catalog head for the catalog rows
         `catalog_candidates` (B, C) (gathered from `catalog_scores` when computed anyway, else only those items
         encoded) with the `catalog_query` vectors `query`; None without candidates."""
@@ -932,9 +926,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             return None
         if catalog_scores is not None:
             return catalog_scores.gather(1, catalog_candidates)
-        return self.score_items(query, catalog_candidates, anchors)
+        return self.score_items(query, catalog_candidates)
 
-    def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query, anchors,
+    def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query,
               sampled: dict):
         """The weighted sum of the candidate cross-entropy (of whichever head scored the candidates, with that head's
         weight) and the catalog loss: the dense one, which already covers the last prefix, or the query's over the
@@ -946,7 +940,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         if dense_loss is not None:
             losses.append(self.config.catalog_loss_weight * dense_loss)
         elif catalog_labels is not None:
-            scores = catalog_scores if sampled["item_rows"] is None else self.score_items(query, sampled["item_rows"], anchors)
+            scores = catalog_scores if sampled["item_rows"] is None else self.score_items(query, sampled["item_rows"])
             losses.append(self.config.catalog_loss_weight * self.catalog_loss(scores, catalog_labels, **sampled))
         return sum(losses[1:], losses[0]) if losses else None
 
@@ -1024,11 +1018,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         query = self.catalog_query(out.query_hidden_state, anchors)  # (B, H [+ D])
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)
-        catalog_scores = self.score_items(query, None, anchors) if full else None  # (B, N)
-        candidate_scores = self._candidate_scores(out, query, anchors, None if in_prompt else candidate_item_index,
-                                                  catalog_scores)
+        catalog_scores = self.score_items(query) if full else None  # (B, N)
+        candidate_scores = self._candidate_scores(out, query, None if in_prompt else candidate_item_index, catalog_scores)
         loss = self._loss(candidate_scores, labels, in_prompt, dense_loss,
-                          catalog_labels if wants_catalog_loss else None, catalog_scores, query, anchors, sampled)
+                          catalog_labels if wants_catalog_loss else None, catalog_scores, query, sampled)
         output = SpeederRecommendationOutput(
             loss=loss, candidate_scores=candidate_scores, catalog_scores=catalog_scores,
             query_hidden_state=out.query_hidden_state, catalog_query=query, hidden_states=out.hidden_states,

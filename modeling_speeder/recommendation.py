@@ -28,17 +28,10 @@ def exclude_history(scores: torch.Tensor, histories: Sequence[Sequence[int]], ke
     return scores
 
 
-def own_affinity(query: torch.Tensor, anchor_content: torch.Tensor) -> torch.Tensor:
-    """(n,) the content affinity of each query's latest item with itself: the content part of `catalog_query` vectors
-    (n, H + D) dotted with that item's content (n, D) (the weight when it has content, else 0)."""
-    return (query[:, -anchor_content.shape[-1]:] * anchor_content.to(query.dtype)).sum(-1)
-
-
 def catalog_topk(query: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None, top_k: int,
-                 exclude: Sequence[Sequence[int]] | None = None, chunk_size: int = 65536, own=None):
+                 exclude: Sequence[Sequence[int]] | None = None, chunk_size: int = 65536):
     """(scores, rows), each (B, k): the top-k of query (B, H) . items (N, H)^T (+ bias (N,)) over the catalog, in
-    chunks, so extra memory stays O(B * chunk_size) whatever the catalog size; `exclude`: catalog rows per user;
-    `own`: (rows (B,), values (B,)), subtracted from each user's score of that row (`score_items`' own affinity)."""
+    chunks, so extra memory stays O(B * chunk_size) whatever the catalog size; `exclude`: catalog rows per user."""
     top_k = min(top_k, items.shape[0])
     best_scores = query.new_full((query.shape[0], 0), float("-inf"))
     best_rows = torch.zeros(query.shape[0], 0, dtype=torch.long, device=query.device)
@@ -46,9 +39,6 @@ def catalog_topk(query: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | 
         scores = query @ items[start : start + chunk_size].T  # (B, chunk)
         if bias is not None:
             scores = scores + bias[start : start + chunk_size]
-        if own is not None:
-            columns = torch.arange(start, start + scores.shape[1], device=scores.device)
-            scores = scores - (columns == own[0][:, None]) * own[1][:, None]
         if exclude is not None:
             exclude_history(scores, exclude, offset=start)
         # Top-k of the chunk first, then merge k-sized lists: extra memory is one chunk of scores.
@@ -135,12 +125,7 @@ def recommend(model, histories, candidates=None, top_k: int = 10, processor=None
         else:
             exclude = [[processor.item_index(i) for i in h] for h in hist] if exclude_history else None
             bias = None if model.catalog_item_bias is None else model.catalog_item_bias.weight[:, 0]
-            own = None
-            if model.content_affinity:  # the latest item's affinity with itself (`score_items`)
-                anchors = inputs["last_item_index"][torch.arange(len(hist), device=model.device), inputs["query_index"]]
-                own = anchors, own_affinity(out.catalog_query, model.model.item_content(anchors))
-            scores, rows = catalog_topk(out.catalog_query, model.catalog_item_vectors(), bias, top_k, exclude, chunk_size,
-                                        own)
+            scores, rows = catalog_topk(out.catalog_query, model.catalog_item_vectors(), bias, top_k, exclude, chunk_size)
         if torch.isnan(scores).any() or torch.isposinf(scores).any():
             raise ValueError(f"The model scored NaN or +inf for histories {start}..{start + len(hist) - 1}: its weights "
                              "or feature bank hold non-finite values (load_state_dict or a diverged training run)")
@@ -150,4 +135,4 @@ def recommend(model, histories, candidates=None, top_k: int = 10, processor=None
     return results
 
 
-__all__ = ["catalog_topk", "check_histories", "check_processor", "exclude_history", "own_affinity", "recommend"]
+__all__ = ["catalog_topk", "check_histories", "check_processor", "exclude_history", "recommend"]

@@ -12,10 +12,8 @@ from modeling_speeder.modeling_speeder import content_vectors
 
 
 def affinity(content: torch.Tensor, anchors: torch.Tensor, weight: float) -> torch.Tensor:
-    """(n, N) weight x cos(content of each anchor, content of every item), 0 at the anchor itself."""
-    cosine = content[anchors] @ content.T
-    cosine[torch.arange(len(anchors)), anchors] = 0.0
-    return weight * cosine
+    """(n, N) weight x cos(content of each anchor, content of every item), the anchor itself included."""
+    return weight * content[anchors] @ content.T
 
 
 def bank_content(model) -> torch.Tensor:
