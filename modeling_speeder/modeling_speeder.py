@@ -166,6 +166,7 @@ class SpeederModalityExperts(nn.Module):
         hidden_size, k = config.text_config.hidden_size, config.tokens_per_item
         dims = config.feature_dims
         self.modalities = config.modalities
+        self.content_modalities = [m for m in self.modalities if m != "id"]  # what the content affinity compares
         self.tokens_per_item, self.hidden_size = k, hidden_size
         self.experts = nn.ModuleDict(
             {
@@ -196,9 +197,8 @@ class SpeederModalityExperts(nn.Module):
 
     def content(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, D) the frozen text / image content of catalog `rows` (`content_vectors`), as the bank stores it."""
-        kept = [m for m in self.modalities if m != "id"]
-        return content_vectors({m: self.features(m, rows) for m in kept},
-                               {m: self.presence[rows, self.modalities.index(m)] for m in kept})
+        return content_vectors({m: self.features(m, rows) for m in self.content_modalities},
+                               {m: self.presence[rows, self.modalities.index(m)] for m in self.content_modalities})
 
     def forward(self, rows: torch.Tensor, active: torch.Tensor, hidden: torch.Tensor | None = None):
         """rows: (n,) catalog indices; active: (n, M) or (M,) bool, the modalities MPO lets through; hidden: (n, M)
@@ -820,7 +820,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     @property
     def content_affinity(self) -> float:
         """The weight of the content affinity on catalog-head scores (`catalog_query`); 0 without text / image."""
-        return self.config.content_affinity if any(m != "id" for m in self.mrc.modalities) else 0.0
+        return self.config.content_affinity if self.mrc.content_modalities else 0.0
 
     # The headless model's parts and catalog methods, as Llava's ForConditionalGeneration exposes its model's.
     @property
@@ -1013,8 +1013,9 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         if dense_catalog_labels is not None:
             dense_loss, dense_scores = self._dense_catalog_loss(out.last_hidden_state, dense_catalog_labels,
                                                                 last_item_index, sampled, dense_loss_normalizer)
-        query_rows = _examples(input_ids, query_index, kwargs.get("cu_seq_lens_q"))[1]
-        anchors = last_item_index[query_rows, query_index] if self.content_affinity else None  # (B,)
+        anchors = None  # (B,) each query's latest history item
+        if self.content_affinity:
+            anchors = last_item_index[_examples(input_ids, query_index, kwargs.get("cu_seq_lens_q"))[1], query_index]
         query = self.catalog_query(out.query_hidden_state, anchors)  # (B, H [+ D])
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)

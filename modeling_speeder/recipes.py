@@ -368,8 +368,8 @@ def training_report(trainer, settings: TrainArguments, mpo_callback, divergence,
             "diverged_at_step": divergence.diverged_at, "log_history": state.log_history}
 
 
-# The content-affinity weights `calibrate_content_affinity` chooses among (0: none); measured best on validation 0.5 to
-# 5 across the demo datasets (BENCHMARKS.md).
+# The content-affinity weights `calibrate_content_affinity` chooses among (0: none): the demos chose 1.5 (MovieLens-100k)
+# and 6 (Scientific); 2 to 3 scored best on Beauty's earlier checkpoint (bench/earlier-runs.md).
 CONTENT_AFFINITY_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
@@ -377,26 +377,28 @@ CONTENT_AFFINITY_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 def calibrate_content_affinity(model, processor, data, metric: str, batch_size: int = 64) -> dict:
     """Choose the trained model's `config.content_affinity` on validation rows `data`: the weight among
     CONTENT_AFFINITY_WEIGHTS whose catalog-head ranking scores best on the selection `metric` (whole catalog with the
-    history excluded, or the stored candidates), the smallest on a tie, so 0 unless the affinity helps. Scores are
-    linear in the weight, so each batch is scored at weights 0 and 1 and every weight's ranking follows. Returns
-    {weight: metric value}; a model without text or image content keeps 0 and gets {}."""
-    if not any(m != "id" for m in model.mrc.modalities):
-        model.config.content_affinity = 0.0
+    history excluded, or the stored candidates), the smallest on a tie, so 0 unless the affinity helps. Each batch
+    is scored once, at weight 1: the affinity is the content half of the query vectors dotted with the items'
+    content, and the scores are linear in the weight. Returns {weight: metric value}; a model without text or image
+    content keeps 0 and gets {}."""
+    model.config.content_affinity = 1.0 if model.mrc.content_modalities else 0.0
+    if not model.content_affinity:
         return {}
     model.eval()
+    model.model.clear_item_cache()
+    model.cache_item_tokens()  # item vectors and content for every batch, once
+    content = model.model.item_content().T  # (D, N)
     candidates, ranks, labels = {w: [] for w in CONTENT_AFFINITY_WEIGHTS}, {w: [] for w in CONTENT_AFFINITY_WEIGHTS}, []
     for start in range(0, len(data), batch_size):
         rows = data[start : start + batch_size]
         inputs = processor(histories=rows["history"], candidates=rows["candidates"], targets=rows["target"],
                            candidates_in_prompt=False).to(model.device)
-        scored = []
-        for weight in (0.0, 1.0):
-            model.config.content_affinity = weight
-            scored.append(model(**inputs, return_catalog_scores=True).catalog_scores.float())
+        out = model(**inputs, return_catalog_scores=True)
+        affinity = (out.catalog_query[:, -content.shape[0]:] @ content).float()  # (B, N) at weight 1
         histories = [[processor.item_index(i) for i in h] for h in rows["history"]]
         targets = inputs["catalog_labels"]
         for weight in CONTENT_AFFINITY_WEIGHTS:
-            scores = scored[0] + weight * (scored[1] - scored[0])  # (B, N)
+            scores = out.catalog_scores.float() + (weight - 1.0) * affinity  # (B, N)
             candidates[weight].append(scores.gather(1, inputs["candidate_item_index"]).cpu())
             ranks[weight].append(target_ranks(exclude_history(scores, histories, keep=targets), targets).cpu())
         labels.append(inputs["labels"].cpu())
