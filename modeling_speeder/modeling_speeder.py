@@ -258,10 +258,7 @@ class SpeederPreTrainedModel(PreTrainedModel):
                     f"{', no text_config' if not found.get('text_config') else ''}): build a Speeder checkpoint from this "
                     "backbone with `speeder build` (or conversion.build.build_speeder) first"
                 )
-        legacy = pretrained_model_name_or_path is not None and "key_mapping" not in kwargs and any(
-            name.startswith("mrc.") for name in _saved_weight_names(pretrained_model_name_or_path, kwargs))
-        if legacy:
-            kwargs["key_mapping"] = LEGACY_KEY_MAPPING
+        kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)  # renames nothing in a checkpoint of today's names
         wants_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
@@ -270,9 +267,9 @@ class SpeederPreTrainedModel(PreTrainedModel):
                 f"Cannot load the Speeder checkpoint {str(pretrained_model_name_or_path)!r}: a safetensors weights file is "
                 f"corrupt or truncated ({err}). Re-download it or save the model again."
             ) from err
-        if legacy:  # saved again, the model writes today's names (save_pretrained would otherwise undo the renaming)
-            model._weight_conversions = [t for t in getattr(model, "_weight_conversions", None) or []
-                                         if not (isinstance(t, WeightRenaming) and t.source_patterns[0] in LEGACY_KEY_MAPPING)]
+        # Saved again, the model writes today's names (save_pretrained would otherwise undo a legacy renaming).
+        model._weight_conversions = [t for t in getattr(model, "_weight_conversions", None) or []
+                                     if not (isinstance(t, WeightRenaming) and t.source_patterns[0] in LEGACY_KEY_MAPPING)]
         # The feature bank is the catalog: a missing tensor would be uninitialised memory, not a default.
         missing_bank = [k for k in info["missing_keys"] if "mrc.features_" in k or k.endswith("mrc.presence")]
         if missing_bank:
@@ -332,29 +329,6 @@ LEGACY_KEY_MAPPING = {r"^backbone\.": "model.backbone.", r"^mrc\.": "model.mrc."
 BACKBONE_KWARGS = (TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__) - {
     "position_ids", "output_attentions", "output_hidden_states"}
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def _saved_weight_names(pretrained_model_name_or_path, kwargs) -> list[str]:
-    """The tensor names a checkpoint stores, read from the safetensors index or header (no tensor is loaded)."""
-    import json
-
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
-    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if k in kwargs}
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        file = cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False, **hub)
-        if file is None:
-            continue
-        if name.endswith(".json"):
-            return list(json.loads(Path(file).read_text(encoding="utf-8"))["weight_map"])
-        try:
-            with safe_open(file, "pt") as weights:
-                return list(weights.keys())
-        except SafetensorError:  # corrupt or truncated: from_pretrained's loading then says so, clearly
-            return []
-    return []
 
 
 def _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, query_index,
