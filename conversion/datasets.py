@@ -22,8 +22,8 @@ import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from safetensors.torch import load_file, save_file
 
+from ..arguments import NUM_NEGATIVES
 from ..atomic_files import folder_written_atomically, write_atomically, write_text_atomically
-from ..evaluation import NUM_NEGATIVES
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..evaluation import NUM_NEGATIVES
+from ..arguments import NUM_NEGATIVES
 from .processing_speeder import SpeederProcessor
 
 
