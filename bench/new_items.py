@@ -155,7 +155,7 @@ def main():
         "knn_validation_full_ndcg@10": knn_selection, "knn_last": knn_last,
         "sasrec_training": sasrec_report["training"], "sasrec_train_seconds": sasrec_report["train_seconds"],
         "speeder": {k: speeder_report[k] for k in ("train_seconds", "steps", "epochs", "best_checkpoint",
-                                                    "best_validation_metric", "catalog_loss")},
+                                                    "best_validation_metric", "catalog_loss", "content_affinity")},
         "seconds": round(time.perf_counter() - started, 1),
         "results": {s: {system: {k: v for k, v in r.items() if k != "by_history_length"} for system, r in systems.items()}
                     for s, systems in results.items()},
