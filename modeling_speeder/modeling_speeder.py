@@ -725,7 +725,8 @@ class SpeederModel(SpeederPreTrainedModel):
         prefix_len = embeds.shape[1] - num_candidates * k
         last_tokens = prefix_len - 1 + k * torch.arange(1, num_candidates + 1, device=candidate_token_index.device)
         torch._assert_async((query_index == prefix_len - 1).all() & (candidate_token_index == last_tokens).all(),
-                            "the prefix-cache path needs the processor's left-padded layout (query, then the candidates)")
+                            "the prefix-cache path needs the processor's left-padded layout (padding_side='left': the "
+                            "query, then the candidates, closing every row)")
         prefix = self.backbone(
             inputs_embeds=embeds[:, :prefix_len],
             attention_mask=attention_mask[:, :prefix_len],

@@ -29,7 +29,7 @@ class SpeederProcessor(ProcessorMixin):
     r"""
     Turns item-id histories (and candidates, and targets when training) into model inputs.
 
-    Prompt layout, left-padded:
+    Prompt layout (left-padded by default; `padding_side="right"` pads after it):
 
         [prompt_prefix] [item_1 x K] ... [item_L x K] [prompt_bridge] [query] [cand_1 x K] ... [cand_C x K]
 
@@ -50,6 +50,8 @@ class SpeederProcessor(ProcessorMixin):
         tokens_per_item: K soft tokens per item; must match the model.
         item_level_position_ids: SPAE relative positions; False gives plain token positions.
         prompt_prefix / prompt_bridge: the text around the history.
+        padding_side: "left" (the default: the query and candidates end every row, the layout the prefix-cache
+            candidate path needs) or "right"; `__call__` may override it per batch, as a tokenizer's.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class SpeederProcessor(ProcessorMixin):
         prompt_bridge: str = DEFAULT_PROMPT_BRIDGE,
         item_token: str = "<|item|>",
         query_token: str = "<|query|>",
+        padding_side: str = "left",
         chat_template=None,
         **kwargs,
     ):
@@ -76,6 +79,7 @@ class SpeederProcessor(ProcessorMixin):
             raise ValueError(f"max_history and tokens_per_item must be >= 1, got {max_history}, {tokens_per_item}")
         self.max_history, self.tokens_per_item = max_history, tokens_per_item
         self.item_level_position_ids = item_level_position_ids
+        self.padding_side = self._checked_padding_side(padding_side)
         self.prompt_prefix, self.prompt_bridge = prompt_prefix, prompt_bridge
         self.item_token, self.query_token = item_token, query_token
         missing = [t for t in (item_token, query_token) if t not in tokenizer.get_vocab()]
@@ -161,6 +165,7 @@ class SpeederProcessor(ProcessorMixin):
         candidates_in_prompt: bool = True,
         dense_labels_from: Sequence[int] | None = None,
         teacher_inputs: bool = False,
+        padding_side: str | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchEncoding:
@@ -185,6 +190,7 @@ class SpeederProcessor(ProcessorMixin):
         teacher_inputs: with `dense`, also `distillation_item_rows` (B, L), each row's truncated history as catalog
             rows, oldest first, -1 after its end, and `distillation_positions` (B, L), True at the history positions
             that have a label, in the order of the model's `dense_catalog_scores`: a sequential teacher's inputs.
+        padding_side: "left" or "right" for this batch; None: the processor's `padding_side`.
         """
         self._check_batch(histories, candidates, targets, packed, kwargs)
         users = []
@@ -201,7 +207,8 @@ class SpeederProcessor(ProcessorMixin):
             dropped = len(histories[b]) - len(user["history"])
             first = 0 if dense_labels_from is None else max(0, dense_labels_from[b] - dropped)
             user["dense_labels"], user["first_labeled"] = self._dense_labels(user, first), first
-        data = self._collate(users, packed, candidates is not None, candidates_in_prompt)
+        right = self._checked_padding_side(padding_side or self.padding_side) == "right"
+        data = self._collate(users, packed, candidates is not None, candidates_in_prompt, right)
         if teacher_inputs:
             if not dense:
                 raise ValueError("teacher_inputs=True needs dense=True: the teacher scores the dense labels' prefixes")
@@ -259,9 +266,11 @@ class SpeederProcessor(ProcessorMixin):
                 labels[predictor[j]] = next_row
         return labels
 
-    def _collate(self, users: list[dict], packed: bool, with_candidates: bool, candidates_in_prompt: bool) -> dict:
-        """The users' prompts as one batch, left-padded (or back to back in one row when `packed`), with the layout
-        stated explicitly: each row's query token, and each candidate's last token and segment."""
+    def _collate(self, users: list[dict], packed: bool, with_candidates: bool, candidates_in_prompt: bool,
+                 right: bool) -> dict:
+        """The users' prompts as one batch, padded on the left (on the `right`), or back to back in one row when
+        `packed`, with the layout stated explicitly: each row's query token, and each candidate's last token and
+        segment."""
         rows, lengths = [u["row"] for u in users], [len(u["row"][0]) for u in users]
         dense = "dense_labels" in users[0]
         if packed:  # the sequences back to back: each one's offset is the length before it
@@ -272,8 +281,11 @@ class SpeederProcessor(ProcessorMixin):
             dense_labels = [u["dense_labels"] for u in users] if dense else []
         length = max(len(r[0]) for r in rows)
         if not packed:  # left padding shifts each row by its padding
-            offsets = [length - n for n in lengths]
-        pad = lambda seq, value: [value] * (length - len(seq)) + list(seq)  # noqa: E731  (left padding)
+            offsets = [0 if right else length - n for n in lengths]
+
+        def pad(seq, value):
+            return list(seq) + [value] * (length - len(seq)) if right else [value] * (length - len(seq)) + list(seq)
+
         data = {"input_ids": [pad(r[0], self.pad_token_id) for r in rows],
                 "attention_mask": [pad([1] * len(r[0]), 0) for r in rows], "position_ids": [pad(r[1], 0) for r in rows],
                 "item_token_index": [pad(r[2], -1) for r in rows], "recency_index": [pad(r[3], -1) for r in rows],
@@ -285,8 +297,10 @@ class SpeederProcessor(ProcessorMixin):
             if candidates_in_prompt:
                 data["candidate_token_index"] = [[q + (c + 1) * k for c in range(len(u["candidates"]))]
                                                  for q, u in zip(data["query_index"], users)]
-                data["candidate_segment_ids"] = [[0] * (q + 1) + [c + 1 for c in range(len(u["candidates"])) for _ in range(k)]
-                                                 for q, u in zip(data["query_index"], users)]
+                # 0 for the shared prompt and for right padding, which the attention mask hides anyway.
+                data["candidate_segment_ids"] = [
+                    [0] * (q + 1) + [c + 1 for c in range(len(u["candidates"])) for _ in range(k)]
+                    + [0] * (length - q - 1 - len(u["candidates"]) * k) for q, u in zip(data["query_index"], users)]
         if "label" in users[0]:
             data["labels"] = [u["label"] for u in users]
         if users[0]["target"] != -100:
@@ -347,6 +361,12 @@ class SpeederProcessor(ProcessorMixin):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return [os.path.join(target, os.path.relpath(f, tmp)) for f in saved] if isinstance(saved, list) else saved
+
+    @staticmethod
+    def _checked_padding_side(side: str) -> str:
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        return side
 
     @property
     def model_input_names(self):

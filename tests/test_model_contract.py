@@ -85,6 +85,37 @@ def test_eager_equals_sdpa_with_padding(family):
     torch.testing.assert_close(sdpa, eager, rtol=0, atol=1e-5)
 
 
+def test_right_padding_gives_the_left_padded_results(family):
+    """Either padding side: the processor states the layout, so a right-padded batch scores, loses and learns as the
+    left-padded one on the one-pass path (candidates in the prompt, the catalog head with its content affinity, the
+    dense loss); the prefix-cache path, whose candidates must close every row, refuses it."""
+    model, processor = make_tiny(family, tokens_per_item=2, catalog_loss_weight=1.0, content_affinity=1.5)
+    model.train()
+    results = []
+    for side in ("left", "right"):
+        inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS, padding_side=side)
+        dense = processor(histories=HISTORIES, targets=TARGETS, dense=True, padding_side=side)
+        padded_end = inputs["attention_mask"][:, 0 if side == "left" else -1]
+        assert not padded_end.all(), f"the batch must contain {side} padding"
+        model.zero_grad()
+        out = model(**inputs, candidate_scoring="mask", return_catalog_scores=True)
+        dense_out = model(**dense)
+        (out.loss + dense_out.loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads and max(g.abs().max() for g in grads.values()) > 0, "a comparison of zero gradients proves nothing"
+        results.append((out.candidate_scores.detach(), out.catalog_scores.detach(), dense_out.loss.detach(), grads))
+    (left_scores, left_catalog, left_dense, left_grads), (right_scores, right_catalog, right_dense, right_grads) = results
+    torch.testing.assert_close(right_scores, left_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(right_catalog, left_catalog, rtol=0, atol=1e-5)
+    torch.testing.assert_close(right_dense, left_dense, rtol=0, atol=1e-5)
+    assert right_grads.keys() == left_grads.keys()
+    for name, grad in right_grads.items():
+        torch.testing.assert_close(grad, left_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    right = processor(histories=HISTORIES, candidates=CANDIDATES, padding_side="right")
+    with pytest.raises(RuntimeError, match="left-padded layout"):
+        model(**right, candidate_scoring="prefix_cache")
+
+
 def test_prefix_cache_path_matches_mask_path(family):
     """HSTU-style: the fast path (shared prompt encoded once, candidates as cache continuations, the FlashAttention
     route) equals the reference one-pass masked path, on scores and on gradients."""

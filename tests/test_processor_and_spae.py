@@ -50,6 +50,32 @@ def test_left_padding_and_truncation():
     assert recency.tolist() == list(range(7, -1, -1)), "recency counts back from the last item"
 
 
+def test_right_padding_states_the_same_layout(tmp_path):
+    """padding_side="right" (per call, or the processor's saved default) moves the padding after each prompt and every
+    stated index with it; the tokens and their layout are those of the left-padded batch."""
+    _, proc = make_tiny("llama", tokens_per_item=2)
+    left = proc(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
+    right = proc(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS, padding_side="right")
+    assert right["attention_mask"][:, 0].all() and not right["attention_mask"][:, -1].all(), "right padded"
+    padding = (left["attention_mask"] == 0).sum(1)
+    for b in range(len(HISTORIES)):
+        real_left, real_right = left["attention_mask"][b] == 1, right["attention_mask"][b] == 1
+        for key in ("input_ids", "position_ids", "item_token_index", "recency_index", "last_item_index",
+                    "candidate_segment_ids"):
+            assert torch.equal(right[key][b][real_right], left[key][b][real_left]), key
+    assert torch.equal(right["query_index"], left["query_index"] - padding)
+    assert torch.equal(right["candidate_token_index"], left["candidate_token_index"] - padding[:, None])
+    for key in ("labels", "catalog_labels", "candidate_item_index"):
+        assert torch.equal(right[key], left[key]), key
+    proc.padding_side = "right"
+    proc.save_pretrained(tmp_path)
+    reloaded = SpeederProcessor.from_pretrained(tmp_path)
+    assert reloaded.padding_side == "right"
+    assert torch.equal(reloaded(histories=HISTORIES, candidates=CANDIDATES)["input_ids"], right["input_ids"])
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        proc(histories=HISTORIES, padding_side="middle")
+
+
 def test_labels():
     _, proc = make_tiny("llama")
     inputs = proc(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS)
