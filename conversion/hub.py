@@ -89,19 +89,26 @@ def render_model_card(model_dir: str | os.PathLike, repo_id: str, report: dict |
         max_history=config.get("max_history"), modalities=", ".join(modalities), base_model_description=backbone,
         example_item_a=items[0] if items else "item-a", example_item_b=items[1] if len(items) > 1 else "item-b",
         example_item_c=items[2] if len(items) > 2 else "item-c", training_data=training_data,
-        mpo_stages=_stages_as_trained(config.get("mpo_stages", []), report or {}),
+        mpo_stages=_stages_as_trained(report or {}),
         protocol=PROTOCOL, metrics=metrics,
         extra_limitations="" if base_model else ("- This checkpoint's backbone is not pretrained: it demonstrates the package, "
                                                  "it is not a production recommender."),
     )
 
 
-def _stages_as_trained(stages: list[dict], report: dict) -> list[dict]:
+def _stages_as_trained(report: dict) -> list[dict]:
     """The MPO stages for the card: those that ran, with their steps, from the training report (`mpo_schedule`), else
-    the config's planned shares; under LoRA the backbone trained only through rank-r adapters (merged since)."""
+    the default schedule's shares; under LoRA the backbone trained only through rank-r adapters (merged since)."""
+    from dataclasses import asdict
+
+    from ..modeling_speeder import SpeederForSequentialRecommendation
+    from ..training import DEFAULT_MPO_SCHEDULE
+
+    every_group = list(SpeederForSequentialRecommendation.parameter_groups)
     ran = report.get("mpo_schedule")
     stages = [dict(stage, steps=f"{stage['start']:,}-{stage['end']:,}") for stage in ran] if ran else [
-        dict(stage, steps=f"{stage.get('share', 0):.0%} of the run") for stage in stages]
+        dict(asdict(stage), steps=f"{stage.share:.0%} of the run", trainable=stage.trainable or every_group)
+        for stage in DEFAULT_MPO_SCHEDULE]
     rename = {"backbone": f"backbone (LoRA adapters, rank {report['lora_r']}, merged)"} if report.get("lora_r") else {}
     return [dict(stage, trainable=[rename.get(g, g) for g in stage.get("trainable", [])]) for stage in stages]
 

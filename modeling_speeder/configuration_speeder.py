@@ -12,16 +12,10 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 # Order of the modality axis everywhere (gate logits, presence masks, MPO stages).
 MODALITIES = ("text", "image", "id")
 
-# Default MPO schedule (DESIGN.md section 6): text first, then image ramped in, then collaborative ramped in.
-_ALL_GROUPS = ["experts", "gate", "spae", "heads", "backbone"]
-DEFAULT_MPO_STAGES = [
-    {"modalities": ["text"], "share": 0.34, "ramp": 0.0, "trainable": _ALL_GROUPS},
-    {"modalities": ["text", "image"], "share": 0.33, "ramp": 0.5, "trainable": _ALL_GROUPS},
-    {"modalities": ["text", "image", "id"], "share": 0.33, "ramp": 0.5, "trainable": _ALL_GROUPS},
-]
-
 # Options that lost their experiments and were deleted, with the only value a saved config may still hold.
 REMOVED_OPTIONS = {"item_residual_embedding": False, "catalog_item_embedding": False, "feature_normalization": "item"}
+# Training settings that configs saved before they moved to the training arguments still hold: read and dropped.
+MOVED_TO_TRAINING = ("mpo_stages",)  # training.MPOStage, recipes' TrainArguments.mpo_schedule
 
 
 @strict
@@ -79,8 +73,6 @@ class SpeederConfig(PreTrainedConfig):
     # or "catalog" (query-state dot products with the candidates' item representations, no candidates in the prompt).
     # None: "catalog" for a model trained on the catalog loss alone, else "candidate" (checkpoints before the field).
     candidate_ranking_head: str | None = None
-    # --- MPO ---
-    mpo_stages: list[dict] | None = None  # None = DEFAULT_MPO_STAGES; see SpeederMPOCallback
     build_seed: int | None = None  # the seed `build_speeder` drew the new weights with (a rebuild is the same build)
     # --- versioning of the checkpoint layout ---
     speeder_format_version: int = 1
@@ -91,6 +83,8 @@ class SpeederConfig(PreTrainedConfig):
             if value != kept:
                 raise ValueError(f"This config sets {name}={value!r}, an option removed after it lost its experiment "
                                  f"(bench/earlier-runs.md); only {name}={kept!r} loads: load this checkpoint with speeder 0.1.0")
+        for name in MOVED_TO_TRAINING:
+            kwargs.pop(name, None)
         if self.modality_dims is None:
             self.modality_dims = {}
         super().__post_init__(**kwargs)
@@ -100,8 +94,6 @@ class SpeederConfig(PreTrainedConfig):
             self.candidate_ranking_head = "catalog" if catalog_only else "candidate"
         if self.candidate_ranking_head not in ("candidate", "catalog"):
             raise ValueError(f"candidate_ranking_head must be 'candidate' or 'catalog', got {self.candidate_ranking_head!r}")
-        if self.mpo_stages is None:
-            self.mpo_stages = [dict(stage) for stage in DEFAULT_MPO_STAGES]
 
     def _check_values(self):
         unknown = set(self.modality_dims) - set(MODALITIES)

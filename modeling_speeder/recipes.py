@@ -3,6 +3,7 @@
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from .processing.collator import SpeederDataCollator
 from .processing.processing_speeder import catalog_fingerprint
 from .recommendation import exclude_history
 from .training import (
+    DEFAULT_MPO_SCHEDULE,
+    MPOStage,
     SpeederMPOCallback,
     SpeederTrainer,
     StopOnNonFiniteLoss,
@@ -160,7 +163,7 @@ def dense_training_rows(splits, max_history: int, stride: int | None = None):
     return Dataset.from_dict(rows)
 
 
-def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None) -> list[dict]:
+def mpo_stages_in_steps(stages: Sequence[MPOStage], stage_steps: int | None) -> list[MPOStage]:
     """MPO stages for a run measured in epochs: every stage but the last lasts `stage_steps`; the last one runs until
     training stops (early stopping), so a ramp there spans its share of the whole epoch budget (with a 30-epoch
     budget, the `id` modality reaches about 70% of the training examples by the usual selected epoch). stage_steps
@@ -171,10 +174,9 @@ def mpo_stages_in_steps(stages: list[dict], stage_steps: int | None) -> list[dic
     0.6045, a ramp within one stage 0.5838, that plus explicit `id` dropout 0.3 / 0.5 / 0.7 0.5951 / 0.6005 / 0.6059
     (bench/earlier-runs.md, "Regularisation, the MPO ramp and the `id` modality"; the explicit dropout tied, so it
     was deleted)."""
-    stages = [dict(stage) for stage in stages]
-    for stage in stages[:-1] if stage_steps is not None else []:
-        stage["steps"] = stage_steps
-    return stages
+    if stage_steps is None:
+        return list(stages)
+    return [replace(stage, steps=stage_steps) for stage in stages[:-1]] + [stages[-1]]
 
 
 def default_catalog_negatives(num_items: int) -> int:
@@ -337,7 +339,9 @@ def trainer_arguments(model, output: Path, settings: TrainArguments, train_rows,
     mpo_callback = None
     if settings.mpo:
         stage_steps = None if fixed_budget else max(1, round(settings.mpo_stage_epochs * steps_per_epoch))
-        mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(model.config.mpo_stages, stage_steps))
+        stages = [stage if isinstance(stage, MPOStage) else MPOStage(**stage)
+                  for stage in settings.mpo_schedule or DEFAULT_MPO_SCHEDULE]
+        mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(stages, stage_steps))
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
         # trained before a modality was switched on must not win.
         total = settings.max_steps if fixed_budget else int(settings.epochs * steps_per_epoch)
@@ -362,8 +366,8 @@ def training_report(trainer, settings: TrainArguments, mpo_callback, divergence,
             "resumed_from": resumed_from, "mpo_transitions": mpo_callback.transitions if mpo_callback else [],
             "lora_r": settings.lora_r,
             "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
-                              "end": min(stage["end"], state.global_step), "ramp": stage.get("ramp", 0.0),
-                              "trainable": stage.get("trainable", [])}
+                              "end": min(stage["end"], state.global_step), "ramp": stage["ramp"],
+                              "trainable": list(stage["trainable"] or unwrap_speeder(trainer.model).parameter_groups)}
                              for stage in stages if stage["start"] < state.global_step],
             "diverged_at_step": divergence.diverged_at, "log_history": state.log_history}
 

@@ -2,6 +2,8 @@
 
 import json
 import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from .atomic_files import write_text_atomically
+from .configuration_speeder import MODALITIES
 from .evaluation import ranking_metrics
 
 logger = logging.getLogger(__name__)
@@ -219,19 +222,47 @@ class StopOnNonFiniteLoss(TrainerCallback):
             control.should_training_stop = True
 
 
-class SpeederMPOCallback(TrainerCallback):
-    """Runs the MPO schedule in `config.mpo_stages` (DESIGN.md section 6).
+@dataclass(frozen=True)
+class MPOStage:
+    """One stage of the MPO schedule (DESIGN.md section 6)."""
 
-    Each stage names its modalities, a `share` of the training steps (or absolute `steps`), a `ramp` (the share of
-    the stage over which newly added modalities go from 0 to 1 of the examples) and its `trainable` groups (the
-    model's `parameter_groups`; an unknown group is an error). The stage follows from `global_step`, so a resumed
-    run continues in the right stage; under PEFT only parameters that were trainable at the start are ever switched
-    on. Stages that add a modality the
-    model has no features for are skipped with a warning.
+    modalities: tuple[str, ...]  # what the gate may use; a stage adding only modalities the model lacks is skipped
+    share: float = 0.0  # of the run's steps, among the stages without `steps`
+    ramp: float = 0.0  # share of the stage over which newly added modalities go from 0 to 1 of the examples
+    trainable: tuple[str, ...] | None = None  # the model's `parameter_groups` that train; None: all
+    steps: int | None = None  # an absolute length instead of a share
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+        if self.trainable is not None:
+            object.__setattr__(self, "trainable", tuple(self.trainable))
+        if not self.modalities or set(self.modalities) - set(MODALITIES):
+            raise ValueError(f"An MPO stage needs modalities among {MODALITIES}, got {list(self.modalities)}")
+        for name in ("share", "ramp"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"An MPO stage's {name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"An MPO stage's steps must be >= 1, got {self.steps!r}")
+
+
+# Text first, then image ramped in, then collaborative ramped in; every group trains throughout.
+DEFAULT_MPO_SCHEDULE = (
+    MPOStage(("text",), share=0.34),
+    MPOStage(("text", "image"), share=0.33, ramp=0.5),
+    MPOStage(("text", "image", "id"), share=0.33, ramp=0.5),
+)
+
+
+class SpeederMPOCallback(TrainerCallback):
+    """Runs an MPO schedule (`MPOStage`s, or dicts of their fields; default `DEFAULT_MPO_SCHEDULE`).
+
+    The stage follows from `global_step`, so a resumed run continues in the right stage; an unknown trainable group
+    is an error; under PEFT only parameters that were trainable at the start are ever switched on. Stages that add a
+    modality the model has no features for are skipped with a warning.
     """
 
-    def __init__(self, stages=None):
-        self.stages = stages
+    def __init__(self, stages: Sequence[MPOStage | dict] = DEFAULT_MPO_SCHEDULE):
+        self.stages = [stage if isinstance(stage, MPOStage) else MPOStage(**stage) for stage in stages]
         self.current = None
         self.transitions = []  # (global_step, stage index) each time the stage changes
         self._trainable = None
@@ -241,24 +272,23 @@ class SpeederMPOCallback(TrainerCallback):
     def plan(self, model, max_steps: int) -> list[dict]:
         """The stages kept for this model, each with absolute `start` and `end` steps."""
         speeder = unwrap_speeder(model)
-        stages, have = self.stages or speeder.config.mpo_stages, set(speeder.mrc.modalities)
-        kept, previous = [], set()
-        for i, stage in enumerate(stages):
-            wanted = set(stage["modalities"])
+        have, kept, previous = set(speeder.mrc.modalities), [], set()
+        for i, stage in enumerate(self.stages):
+            wanted = set(stage.modalities)
             if (wanted - previous) and not (wanted - previous) & have:
                 logger.warning("MPO stage %d adds %s, for which this model has no features: skipped", i,
                                sorted(wanted - previous))
                 continue
-            kept.append(dict(stage, index=i, modalities=[m for m in stage["modalities"] if m in have],
+            kept.append(dict(asdict(stage), index=i, modalities=[m for m in stage.modalities if m in have],
                              new=sorted((wanted - previous) & have)))
             previous = wanted
         if not kept:
             raise ValueError(f"No MPO stage uses this model's modalities {sorted(have)}")
-        total_share = sum(s.get("share", 0.0) for s in kept if "steps" not in s) or 1.0
-        fixed = sum(s["steps"] for s in kept if "steps" in s)
+        total_share = sum(s["share"] for s in kept if s["steps"] is None) or 1.0
+        fixed = sum(s["steps"] for s in kept if s["steps"] is not None)
         start = 0
         for s in kept:
-            length = s["steps"] if "steps" in s else round(max(max_steps - fixed, 0) * s.get("share", 0.0) / total_share)
+            length = s["steps"] if s["steps"] is not None else round(max(max_steps - fixed, 0) * s["share"] / total_share)
             s["start"], s["end"] = start, start + length
             start += length
         kept[-1]["end"] = max(kept[-1]["end"], max_steps)
@@ -271,7 +301,7 @@ class SpeederMPOCallback(TrainerCallback):
             self._plan = (max_steps, self.plan(model, max_steps))
         plan = self._plan[1]
         stage = next((s for s in plan if s["start"] <= step < s["end"]), plan[-1])
-        ramp_steps = stage.get("ramp", 0.0) * (stage["end"] - stage["start"])
+        ramp_steps = stage["ramp"] * (stage["end"] - stage["start"])
         progress = 1.0 if ramp_steps <= 0 else min(1.0, (step - stage["start"] + 1) / ramp_steps)
         speeder.set_active_modalities({m: progress if m in stage["new"] else 1.0 for m in stage["modalities"]})
         self._keep = speeder.model.modality_keep_prob.detach().cpu().clone()
@@ -279,8 +309,8 @@ class SpeederMPOCallback(TrainerCallback):
             self.current = stage["index"]
             self.transitions.append((step, stage["index"]))
             logger.info("MPO stage %d from step %d: modalities %s, trainable %s", stage["index"], step,
-                        stage["modalities"], stage.get("trainable"))
-            groups = set(stage.get("trainable") or speeder.parameter_groups)
+                        stage["modalities"], stage["trainable"])
+            groups = set(stage["trainable"] or speeder.parameter_groups)
             unknown = groups - set(speeder.parameter_groups)
             if unknown:
                 raise ValueError(f"MPO stage {stage['index']} trains unknown groups {sorted(unknown)}; the model has "
@@ -308,7 +338,9 @@ class SpeederMPOCallback(TrainerCallback):
 
 
 __all__ = [
+    "DEFAULT_MPO_SCHEDULE",
     "EVALUATE_MODULE",
+    "MPOStage",
     "SpeederMPOCallback",
     "SpeederTrainer",
     "StopOnNonFiniteLoss",

@@ -1,5 +1,6 @@
 """Metrics, MPO schedule, Trainer integration and the PEFT round trip."""
 
+import argparse
 import json
 import logging
 
@@ -10,7 +11,13 @@ from datasets import Dataset
 
 from conftest import CANDIDATES, HISTORIES, ITEM_IDS, TARGETS, make_tiny
 from modeling_speeder.processing.collator import SpeederDataCollator
-from modeling_speeder.training import SpeederMPOCallback, compute_metrics, ranking_metrics
+from modeling_speeder.training import (
+    DEFAULT_MPO_SCHEDULE,
+    MPOStage,
+    SpeederMPOCallback,
+    compute_metrics,
+    ranking_metrics,
+)
 
 
 def test_ranking_metrics_hand_computed():
@@ -60,16 +67,46 @@ def test_mpo_stages_in_epochs_long_ramp():
 
     model, _ = make_tiny("llama")  # modalities text, image, id
     trainable = {n for n, _ in model.named_parameters()}
-    default = SpeederMPOCallback(mpo_stages_in_steps(model.config.mpo_stages, stage_steps=10))
+    default = SpeederMPOCallback(mpo_stages_in_steps(DEFAULT_MPO_SCHEDULE, stage_steps=10))
     default._trainable = trainable
     assert [(s["start"], s["end"]) for s in default.plan(model, 3000)] == [(0, 10), (10, 20), (20, 3000)]
     default._apply(model, 1000, 3000)  # ramp over half of 2980 steps
     assert model.model.modality_keep_prob[2].item() == pytest.approx(981 / 1490)
 
     assert model.model.active_modalities.all()  # inference uses every modality
-    fixed = mpo_stages_in_steps(model.config.mpo_stages, stage_steps=None)
-    assert [s.get("share") for s in fixed] == [s["share"] for s in model.config.mpo_stages]  # a max_steps budget
-    assert "steps" not in fixed[0]
+    fixed = mpo_stages_in_steps(DEFAULT_MPO_SCHEDULE, stage_steps=None)
+    assert fixed == list(DEFAULT_MPO_SCHEDULE) and fixed[0].steps is None  # a max_steps budget keeps the shares
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"modalities": []}, "needs modalities among"), ({"modalities": ["txt"]}, "needs modalities among"),
+    ({"modalities": ["text"], "share": 1.5}, "share must be in \\[0, 1\\], got 1.5"),
+    ({"modalities": ["text"], "ramp": -0.1}, "ramp must be in"), ({"modalities": ["text"], "steps": 0}, "steps must be"),
+])
+def test_mpo_stage_rejects_bad_values(stage, message):
+    with pytest.raises(ValueError, match=message):
+        SpeederMPOCallback([stage])
+
+
+def test_mpo_schedule_is_a_training_setting_not_config(tmp_path):
+    """The schedule is how a run trains, so TrainArguments owns it (Python only) and the config holds none; a config
+    saved when it held `mpo_stages` loads with the field dropped."""
+    from modeling_speeder import SpeederConfig, recipes
+    from modeling_speeder.arguments import TrainArguments, add_arguments
+
+    model, _ = make_tiny("llama")
+    assert "mpo_stages" not in model.config.to_dict()
+    saved = {**model.config.to_dict(), "mpo_stages": [{"modalities": ["text"], "share": 1.0}]}
+    assert not hasattr(SpeederConfig.from_dict(saved), "mpo_stages")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainArguments)
+    assert "--mpo-schedule" not in parser.format_help()
+    stages = (MPOStage(("text",), share=0.5), {"modalities": ["text", "id"], "share": 0.5, "trainable": ["heads"]})
+    _, callback = recipes.trainer_arguments(model, tmp_path, TrainArguments(mpo_schedule=stages, mpo_stage_epochs=2),
+                                            list(range(64)), {})  # 2 steps an epoch: the first stage lasts 4
+    assert callback.stages == [MPOStage(("text",), share=0.5, steps=4), MPOStage(("text", "id"), 0.5, 0.0, ("heads",))]
+    _, default = recipes.trainer_arguments(model, tmp_path, TrainArguments(), list(range(64)), {})
+    assert [stage.modalities for stage in default.stages] == [stage.modalities for stage in DEFAULT_MPO_SCHEDULE]
 
 
 def test_mpo_trainable_groups_and_skipped_stage(caplog):
