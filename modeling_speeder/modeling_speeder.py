@@ -970,27 +970,19 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         """Candidates in the prompt (`candidate_token_index`) are scored by the candidate head; candidates given only
         as `candidate_item_index` by the catalog head (dot products, nothing in the prompt)."""
         in_prompt = candidate_token_index is not None
-        if dense_catalog_labels is not None and in_prompt and self.model.uses_prefix_cache(candidate_scoring):
-            raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
-        if (catalog_item_rows is None) != (catalog_item_log_q is None):
-            raise ValueError("catalog_item_rows and catalog_item_log_q come together: pass the collator's whole batch")
+        self._check_head_inputs(in_prompt, candidate_scoring, dense_catalog_labels, catalog_item_rows, catalog_item_log_q,
+                                last_item_index)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             item_token_index=item_token_index, recency_index=recency_index, query_index=query_index,
             candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True, candidate_scoring=candidate_scoring, **kwargs)
-        if self.content_affinity and last_item_index is None:
-            raise ValueError("This model's catalog head reads each token's latest history item: pass the processor's "
-                             "last_item_index (its whole output)")
         sampled = dict(item_rows=catalog_item_rows, item_log_q=catalog_item_log_q)
-        dense_loss = dense_scores = None
-        if dense_catalog_labels is not None:
-            dense_loss, dense_scores = self._dense_catalog_loss(out.last_hidden_state, dense_catalog_labels,
-                                                                last_item_index, sampled, dense_loss_normalizer)
-        anchors = None  # (B,) each query's latest history item
-        if self.content_affinity:
-            anchors = last_item_index[_examples(input_ids, query_index, kwargs.get("cu_seq_lens_q"))[1], query_index]
+        dense_loss, dense_scores = (None, None) if dense_catalog_labels is None else self._dense_catalog_loss(
+            out.last_hidden_state, dense_catalog_labels, last_item_index, sampled, dense_loss_normalizer)
+        anchors = (last_item_index[_examples(input_ids, query_index, kwargs.get("cu_seq_lens_q"))[1], query_index]
+                   if self.content_affinity else None)  # (B,) each query's latest history item
         query = self.catalog_query(out.query_hidden_state, anchors)  # (B, H [+ D])
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)
@@ -1003,6 +995,16 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
             query_hidden_state=out.query_hidden_state, catalog_query=query, hidden_states=out.hidden_states,
             attentions=out.attentions, dense_catalog_scores=dense_scores)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+    def _check_head_inputs(self, in_prompt: bool, candidate_scoring: str, dense_catalog_labels, catalog_item_rows,
+                           catalog_item_log_q, last_item_index):
+        if dense_catalog_labels is not None and in_prompt and self.model.uses_prefix_cache(candidate_scoring):
+            raise ValueError("dense_catalog_labels need the one-pass path: use candidate_scoring='mask' or no candidates")
+        if (catalog_item_rows is None) != (catalog_item_log_q is None):
+            raise ValueError("catalog_item_rows and catalog_item_log_q come together: pass the collator's whole batch")
+        if self.content_affinity and last_item_index is None:
+            raise ValueError("This model's catalog head reads each token's latest history item: pass the processor's "
+                             "last_item_index (its whole output)")
 
     @property
     def ranks_candidates_with_catalog_head(self) -> bool:

@@ -192,7 +192,7 @@ class SpeederProcessor(ProcessorMixin):
             that have a label, in the order of the model's `dense_catalog_scores`: a sequential teacher's inputs.
         padding_side: "left" or "right" for this batch; None: the processor's `padding_side`.
         """
-        self._check_batch(histories, candidates, targets, packed, kwargs)
+        self._check_batch(histories, candidates, targets, packed, dense, dense_labels_from, teacher_inputs, kwargs)
         users = []
         for b, history in enumerate(histories):
             users.append(self._encode_user(b, history, None if candidates is None else candidates[b],
@@ -200,8 +200,6 @@ class SpeederProcessor(ProcessorMixin):
             if len(users[-1]["candidates"]) != len(users[0]["candidates"]):
                 raise ValueError(f"Candidate list {b} has {len(users[-1]['candidates'])} items but list 0 has "
                                  f"{len(users[0]['candidates'])}: a batch needs the same number of candidates per user")
-        if dense_labels_from is not None and (not dense or len(dense_labels_from) != len(histories)):
-            raise ValueError(f"dense_labels_from needs dense=True and one value per history, got {dense_labels_from!r}")
         for b, user in enumerate(users if dense else []):
             # Positions dropped by truncation shift the first labelled one.
             dropped = len(histories[b]) - len(user["history"])
@@ -210,15 +208,14 @@ class SpeederProcessor(ProcessorMixin):
         right = self._checked_padding_side(padding_side or self.padding_side) == "right"
         data = self._collate(users, packed, candidates is not None, candidates_in_prompt, right)
         if teacher_inputs:
-            if not dense:
-                raise ValueError("teacher_inputs=True needs dense=True: the teacher scores the dense labels' prefixes")
             longest = max(len(u["history"]) for u in users)
             data["distillation_item_rows"] = [u["history"] + [-1] * (longest - len(u["history"])) for u in users]
             data["distillation_positions"] = [[u["first_labeled"] <= j < len(u["history"]) for j in range(longest)]
                                               for u in users]
         return self._as_tensors(data, return_tensors)
 
-    def _check_batch(self, histories, candidates, targets, packed: bool, unexpected: dict):
+    def _check_batch(self, histories, candidates, targets, packed: bool, dense: bool, dense_labels_from,
+                     teacher_inputs: bool, unexpected: dict):
         if unexpected:
             raise TypeError(f"SpeederProcessor got unexpected arguments {sorted(unexpected)}")
         if packed and candidates is not None:
@@ -229,6 +226,10 @@ class SpeederProcessor(ProcessorMixin):
             raise ValueError(f"{len(candidates)} candidate lists for {len(histories)} histories")
         if targets is not None and len(targets) != len(histories):
             raise ValueError(f"{len(targets)} targets for {len(histories)} histories")
+        if dense_labels_from is not None and (not dense or len(dense_labels_from) != len(histories)):
+            raise ValueError(f"dense_labels_from needs dense=True and one value per history, got {dense_labels_from!r}")
+        if teacher_inputs and not dense:
+            raise ValueError("teacher_inputs=True needs dense=True: the teacher scores the dense labels' prefixes")
 
     def _encode_user(self, b: int, history, candidates, target, candidates_in_prompt: bool) -> dict:
         """One user's catalog rows, prompt (`_row`) and labels; raises on an unknown, repeated or missing item."""
