@@ -42,6 +42,7 @@ from .training import (
     SpeederMPOCallback,
     SpeederTrainer,
     StopOnNonFiniteLoss,
+    as_mpo_stages,
     compute_metrics,
     last_complete_checkpoint,
     unwrap_speeder,
@@ -339,8 +340,7 @@ def trainer_arguments(model, output: Path, settings: TrainArguments, train_rows,
     mpo_callback = None
     if settings.mpo:
         stage_steps = None if fixed_budget else max(1, round(settings.mpo_stage_epochs * steps_per_epoch))
-        stages = [stage if isinstance(stage, MPOStage) else MPOStage(**stage)
-                  for stage in settings.mpo_schedule or DEFAULT_MPO_SCHEDULE]
+        stages = as_mpo_stages(settings.mpo_schedule or DEFAULT_MPO_SCHEDULE)
         mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(stages, stage_steps))
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
         # trained before a modality was switched on must not win.

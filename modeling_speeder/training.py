@@ -245,6 +245,11 @@ class MPOStage:
             raise ValueError(f"An MPO stage's steps must be >= 1, got {self.steps!r}")
 
 
+def as_mpo_stages(stages: Sequence[MPOStage | dict]) -> list[MPOStage]:
+    """Stages given as `MPOStage`s or as dicts of their fields (a YAML or JSON schedule), checked."""
+    return [stage if isinstance(stage, MPOStage) else MPOStage(**stage) for stage in stages]
+
+
 # Text first, then image ramped in, then collaborative ramped in; every group trains throughout.
 DEFAULT_MPO_SCHEDULE = (
     MPOStage(("text",), share=0.34),
@@ -262,7 +267,7 @@ class SpeederMPOCallback(TrainerCallback):
     """
 
     def __init__(self, stages: Sequence[MPOStage | dict] = DEFAULT_MPO_SCHEDULE):
-        self.stages = [stage if isinstance(stage, MPOStage) else MPOStage(**stage) for stage in stages]
+        self.stages = as_mpo_stages(stages)
         self.current = None
         self.transitions = []  # (global_step, stage index) each time the stage changes
         self._trainable = None
@@ -344,6 +349,7 @@ __all__ = [
     "SpeederMPOCallback",
     "SpeederTrainer",
     "StopOnNonFiniteLoss",
+    "as_mpo_stages",
     "compute_metrics",
     "last_complete_checkpoint",
     "ranking_metrics",
