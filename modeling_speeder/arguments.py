@@ -43,7 +43,8 @@ def setting(default, help: str, check=None, choices=None, flag: str | None = Non
             cli: bool = True):
     """A field with its command-line form: `check` parses and range-checks a value (also one given in Python or in a
     config file), `flag` replaces `--field-name`, and `research` keeps an ablation knob out of everyday `--help`
-    (`--help-all` shows it); `cli=False`: Python only. A boolean that defaults to True is switched off by its flag."""
+    (`--help-all` shows it); `cli=False`: no flag, set in Python or a --config file. A boolean that defaults to True
+    is switched off by its flag."""
     return field(default=default, metadata={"help": help, "check": check, "choices": choices, "flag": flag,
                                             "research": research, "cli": cli})
 
@@ -142,7 +143,7 @@ class TrainArguments(Settings):
                                           research=True)
     mpo: bool = setting(True, "ablation: all modalities from step 0", flag="--no-mpo", research=True)
     mpo_stage_epochs: float = setting(1.0, "epochs of each MPO stage before the last", POSITIVE_FLOAT, research=True)
-    # Python only: a sequence of `training.MPOStage` (or dicts of their fields); None: training.DEFAULT_MPO_SCHEDULE.
+    # A sequence of `training.MPOStage` (or dicts of their fields: a --config file's list); None: the default schedule.
     mpo_schedule: tuple | None = setting(None, "the MPO stages", cli=False)
     resume: bool = setting(False, "continue from the last complete checkpoint in <output>/trainer")
     seed: int = setting(0, "seeds weights, data order and negatives", NON_NEGATIVE_INT)
@@ -162,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class, show_research
     """One option per field of `settings_class`, with its default, check and help."""
     for f in fields(settings_class):
         meta = f.metadata
-        if not meta["cli"]:
+        if not meta["cli"]:  # no flag: the default on the namespace, for Python and a --config file to set
+            parser.set_defaults(**{f.name: f.default})
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         shown = meta["help"] if show_research or not meta["research"] else argparse.SUPPRESS
@@ -176,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class, show_research
 
 def settings_from(namespace: argparse.Namespace, settings_class):
     """The `settings_class` object of a parsed command line."""
-    return settings_class(**{f.name: getattr(namespace, f.name) for f in fields(settings_class) if f.metadata["cli"]})
+    return settings_class(**{f.name: getattr(namespace, f.name) for f in fields(settings_class)})
 
 
 __all__ = ["COLD_ITEM_MAX_COUNT", "NUM_NEGATIVES", "BuildArguments", "DemoArguments", "TrainArguments", "add_arguments",

@@ -251,6 +251,15 @@ def _load_config(args, parser, given: set[str]) -> set[str]:
     for key, value in values.items():
         flag = by_flag.get("--" + str(key).replace("_", "-"))
         action = flag or by_dest.get(str(key))
+        if action is None and key == "mpo_schedule" and key in vars(args):  # a setting with no flag: a list of stages
+            from .training import as_mpo_stages
+
+            try:
+                args.mpo_schedule = tuple(as_mpo_stages(value or []))
+            except (ValueError, TypeError) as err:
+                raise SystemExit(f"{args.config}: mpo_schedule: {err}") from err
+            from_file.add(key)
+            continue
         if action is None:
             raise SystemExit(f"{args.config}: unknown option {key!r}")
         if action.nargs == 0:  # a flag: "false" in quotes would read as true

@@ -3,7 +3,7 @@
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +247,10 @@ class MPOStage:
 
 def as_mpo_stages(stages: Sequence[MPOStage | dict]) -> list[MPOStage]:
     """Stages given as `MPOStage`s or as dicts of their fields (a YAML or JSON schedule), checked."""
+    names = [f.name for f in fields(MPOStage)]
+    for stage in stages:
+        if not isinstance(stage, MPOStage) and (not isinstance(stage, dict) or set(stage) - set(names)):
+            raise ValueError(f"An MPO stage is an MPOStage or a mapping of some of {names}, got {stage!r}")
     return [stage if isinstance(stage, MPOStage) else MPOStage(**stage) for stage in stages]
 
 

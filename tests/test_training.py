@@ -369,10 +369,14 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
     tiny_dataset(tmp_path / "data")
     (tmp_path / "train.yaml").write_text(
         f"data: {tmp_path / 'data'}\noutput: {tmp_path / 'run'}\nsteps: 6\nbatch-size: 4\nlora-r: 2\n"
-        "expert-hidden-size: 16\nlearned-id-dim: 8\nno-recency: true\npatience: 0\n")
+        "expert-hidden-size: 16\nlearned-id-dim: 8\nno-recency: true\npatience: 0\n"
+        "mpo_schedule:\n- {modalities: [text], share: 0.5}\n"  # a setting with no flag, as the training arguments own it
+        "- {modalities: [text, id], share: 0.5, ramp: 0.0, trainable: [experts, gate, heads]}\n")
     cli(["train", "--config", str(tmp_path / "train.yaml")])
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 6 and (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert [(s["modalities"], s["start"], s["end"], s["trainable"]) for s in report["mpo_schedule"]] == [
+        (["text"], 0, 3, ["experts", "gate", "spae", "heads", "backbone"]), (["text", "id"], 3, 6, ["experts", "gate", "heads"])]
     # The report knows its dataset, so `speeder card --report` states it (the walkthrough's card said "? users").
     assert report["dataset"]["users"] == 20 and report["dataset"]["items"] == 40 and report["dataset"]["name"] == "data"
     from modeling_speeder.conversion.hub import render_model_card
@@ -388,6 +392,10 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
     with pytest.raises(SystemExit):
         (tmp_path / "bad.yaml").write_text("no-such-option: 1\n")
         cli(["train", "--config", str(tmp_path / "bad.yaml")])
+    for stage, message in (("{modalities: [txt]}", "needs modalities among"), ("{modalities: [text], size: 1}", "mapping of")):
+        (tmp_path / "bad.yaml").write_text(f"data: {tmp_path / 'data'}\nmpo_schedule:\n- {stage}\n")
+        with pytest.raises(SystemExit, match=f"bad.yaml: mpo_schedule: .*{message}"):
+            cli(["train", "--config", str(tmp_path / "bad.yaml")])
 
 
 def test_dense_catalog_training_labels_and_loss():
