@@ -116,23 +116,29 @@ FUZZ_TOKENIZER = make_word_tokenizer(["a b c"])
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    data=st.data(), catalog=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30),
+    data=st.data(), catalog=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=30, unique=True),
     k=st.integers(1, 3), max_history=st.integers(1, 10), prefix=st.text(max_size=20), bridge=st.text(max_size=20),
 )
 def test_processor_fuzz(data, catalog, k, max_history, prefix, bridge):
-    """Random catalogs, histories, candidate sets and templates, the ids drawn mostly from the catalog (an id outside
-    it now and then): a clear ValueError / KeyError, or valid inputs in which the placeholder count always equals
-    (kept history items + candidates) x K."""
+    """Random catalogs, histories, candidate sets, templates and padding sides. Three examples in four are well
+    formed (catalog ids only, no empty list, distinct candidates) and must give valid inputs: the placeholder count
+    equals (kept history items + candidates) x K, the stated query is the query token, the padding sits on the chosen
+    side. The others may hold unknown ids or empty lists: a clear ValueError / KeyError, or valid inputs as above."""
+    well_formed = data.draw(st.integers(0, 3)) > 0
     ids = st.sampled_from(catalog)
-    some_id = st.one_of(ids, ids, ids, ids, st.text(max_size=6))  # one draw in five may be unknown
-    histories = data.draw(st.lists(st.lists(some_id, max_size=12), min_size=1, max_size=4))
-    candidates = data.draw(st.one_of(st.none(), st.lists(st.lists(some_id, min_size=1, max_size=6),
-                                                         min_size=len(histories), max_size=len(histories))))
+    some_id = ids if well_formed else st.one_of(ids, ids, ids, ids, st.text(max_size=6))  # one in five unknown
+    histories = data.draw(st.lists(st.lists(some_id, min_size=int(well_formed), max_size=12), min_size=1, max_size=4))
+    candidate_list = st.lists(some_id, min_size=1, max_size=min(6, len(catalog)), unique=well_formed)
+    candidates = data.draw(st.one_of(st.none(), st.lists(candidate_list, min_size=len(histories), max_size=len(histories))))
+    if candidates is not None and well_formed:  # a batch shares one candidate count
+        candidates = [c[: min(map(len, candidates))] for c in candidates]
+    padding_side = data.draw(st.sampled_from(["left", "right"]))
     try:
         processor = SpeederProcessor(FUZZ_TOKENIZER, item_ids=catalog, tokens_per_item=k, max_history=max_history,
                                      prompt_prefix=prefix, prompt_bridge=bridge)
-        inputs = processor(histories=histories, candidates=candidates)
+        inputs = processor(histories=histories, candidates=candidates, padding_side=padding_side)
     except (ValueError, KeyError) as err:
+        assert not well_formed, f"well-formed input refused: {err}"
         assert str(err)
         return
     placeholders = (inputs["input_ids"] == processor.item_token_id).sum(1)
@@ -143,6 +149,15 @@ def test_processor_fuzz(data, catalog, k, max_history, prefix, bridge):
         assert placeholders[b] == expected == item_tokens[b]
     assert (inputs["input_ids"][inputs["item_token_index"] >= 0] == processor.item_token_id).all()
     assert inputs["item_token_index"].max() < len(catalog) * k
+    # Either padding side: the stated query is a real token holding the query placeholder, and the padding sits on the
+    # chosen side only.
+    rows = torch.arange(len(histories))
+    assert (inputs["input_ids"][rows, inputs["query_index"]] == processor.query_token_id).all()
+    assert inputs["attention_mask"][rows, inputs["query_index"]].all()
+    real = inputs["attention_mask"].bool()
+    first_real, last_real = real.int().argmax(1), real.shape[1] - 1 - real.flip(1).int().argmax(1)
+    assert ((last_real - first_real + 1) == real.sum(1)).all(), "one contiguous run of real tokens"
+    assert (first_real == 0).all() if padding_side == "right" else (last_real == real.shape[1] - 1).all()
 
 
 FUZZ_MODEL = {}
