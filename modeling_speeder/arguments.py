@@ -148,6 +148,16 @@ class TrainArguments(Settings):
     resume: bool = setting(False, "continue from the last complete checkpoint in <output>/trainer")
     seed: int = setting(0, "seeds weights, data order and negatives", NON_NEGATIVE_INT)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mpo_schedule is not None:  # torch is imported only for a schedule that was given
+            from .training import as_mpo_stages
+
+            try:
+                self.mpo_schedule = tuple(as_mpo_stages(self.mpo_schedule))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"mpo_schedule: {err}") from None
+
 
 @dataclass
 class DemoArguments(TrainArguments):

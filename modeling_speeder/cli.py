@@ -248,16 +248,12 @@ def _load_config(args, parser, given: set[str]) -> set[str]:
     by_flag = {flag: action for action in actions for flag in action.option_strings}
     by_dest = {action.dest: action for action in actions if "--" + action.dest.replace("_", "-") not in by_flag}
     from_file = set()
+    no_flag = {f.name for cls in (BuildArguments, TrainArguments) for f in fields(cls) if not f.metadata["cli"]}
     for key, value in values.items():
         flag = by_flag.get("--" + str(key).replace("_", "-"))
         action = flag or by_dest.get(str(key))
-        if action is None and key == "mpo_schedule" and key in vars(args):  # a setting with no flag: a list of stages
-            from .training import as_mpo_stages
-
-            try:
-                args.mpo_schedule = tuple(as_mpo_stages(value or []))
-            except (ValueError, TypeError) as err:
-                raise SystemExit(f"{args.config}: mpo_schedule: {err}") from err
+        if action is None and key in no_flag and key in vars(args):  # checked by the settings' own class
+            setattr(args, key, value)
             from_file.add(key)
             continue
         if action is None:
@@ -322,6 +318,7 @@ def train_command(args):
     from .conversion.build import load_backbone
     from .conversion.datasets import load_canonical
 
+    settings = settings_from(args, TrainArguments)  # its checks before anything is loaded
     set_seed(args.seed)  # the model's initial weights too, not only the Trainer's data order: a rerun is the same run
     if args.model:  # a built checkpoint has its architecture: options that would only shape a new build are an error
         given = getattr(args, "given", set())  # set explicitly, on the command line or in --config
@@ -338,7 +335,6 @@ def train_command(args):
                                                              build=settings_from(args, BuildArguments))
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
-    settings = settings_from(args, TrainArguments)
     teacher = _distillation_teacher(args) if settings.head == "catalog-dense" else None
     report = recipes.train(model, processor, splits, Path(args.output), settings, teacher=teacher,
                            dataset=recipes.dataset_summary(args.data))  # for the model card (`speeder card --report`)

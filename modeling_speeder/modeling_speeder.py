@@ -835,9 +835,10 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
     def catalog_query(self, hidden: torch.Tensor, anchor_rows: torch.Tensor | None = None) -> torch.Tensor:
         """(n, H [+ D]) the catalog head's query vectors of n states (n, H): the projected state and, with the content
         affinity, the frozen content of each state's latest history item (`anchor_rows` (n,), the processor's
-        `last_item_index` there) times a learned weight. Dotted with `catalog_item_vectors`, the affinity adds
-        weight x cos(content of the latest item, content of the scored item): the content kNN's signal, which reaches
-        items with few or no interactions, where the learned vectors know least."""
+        `last_item_index` there) times `config.content_affinity`, a weight chosen on validation. Dotted with
+        `catalog_item_vectors`, the affinity adds weight x cos(content of the latest item, content of the scored
+        item): the content kNN's signal, which reaches items with few or no interactions, where the learned vectors
+        know least."""
         query = self.query_proj(hidden)
         if not self.content_affinity:
             return query

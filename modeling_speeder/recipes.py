@@ -42,7 +42,6 @@ from .training import (
     SpeederMPOCallback,
     SpeederTrainer,
     StopOnNonFiniteLoss,
-    as_mpo_stages,
     compute_metrics,
     last_complete_checkpoint,
     unwrap_speeder,
@@ -340,8 +339,7 @@ def trainer_arguments(model, output: Path, settings: TrainArguments, train_rows,
     mpo_callback = None
     if settings.mpo:
         stage_steps = None if fixed_budget else max(1, round(settings.mpo_stage_epochs * steps_per_epoch))
-        stages = as_mpo_stages(settings.mpo_schedule or DEFAULT_MPO_SCHEDULE)
-        mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(stages, stage_steps))
+        mpo_callback = SpeederMPOCallback(mpo_stages_in_steps(settings.mpo_schedule or DEFAULT_MPO_SCHEDULE, stage_steps))
         # Select only among checkpoints of the last MPO stage: the served model uses every modality, so a checkpoint
         # trained before a modality was switched on must not win.
         total = settings.max_steps if fixed_budget else int(settings.epochs * steps_per_epoch)
@@ -367,7 +365,7 @@ def training_report(trainer, settings: TrainArguments, mpo_callback, divergence,
             "lora_r": settings.lora_r,
             "mpo_schedule": [{"modalities": stage["modalities"], "start": stage["start"],
                               "end": min(stage["end"], state.global_step), "ramp": stage["ramp"],
-                              "trainable": list(stage["trainable"] or unwrap_speeder(trainer.model).parameter_groups)}
+                              "trainable": stage["trainable"]}
                              for stage in stages if stage["start"] < state.global_step],
             "diverged_at_step": divergence.diverged_at, "log_history": state.log_history}
 
@@ -400,11 +398,13 @@ def calibrate_content_affinity(model, processor, data, metric: str, batch_size: 
         out = model(**inputs, return_catalog_scores=True)
         affinity = (out.catalog_query[:, -content.shape[0]:] @ content).float()  # (B, N) at weight 1
         histories = [[processor.item_index(i) for i in h] for h in rows["history"]]
-        targets = inputs["catalog_labels"]
+        targets, rows_of_candidates = inputs["catalog_labels"], inputs["candidate_item_index"]
+        scores = out.catalog_scores.float()  # (B, N)
+        excluded = exclude_history(scores.clone(), histories, keep=targets)  # once: -inf stays -inf at every weight
         for weight in CONTENT_AFFINITY_WEIGHTS:
-            scores = out.catalog_scores.float() + (weight - 1.0) * affinity  # (B, N)
-            candidates[weight].append(scores.gather(1, inputs["candidate_item_index"]).cpu())
-            ranks[weight].append(target_ranks(exclude_history(scores, histories, keep=targets), targets).cpu())
+            candidates[weight].append((scores.gather(1, rows_of_candidates)
+                                       + (weight - 1.0) * affinity.gather(1, rows_of_candidates)).cpu())
+            ranks[weight].append(target_ranks(excluded + (weight - 1.0) * affinity, targets).cpu())
         labels.append(inputs["labels"].cpu())
     measured = {}
     for weight in CONTENT_AFFINITY_WEIGHTS:

@@ -279,7 +279,7 @@ class SpeederMPOCallback(TrainerCallback):
         self._keep = None  # (M,) keep probabilities of the current step, read by the data collator
 
     def plan(self, model, max_steps: int) -> list[dict]:
-        """The stages kept for this model, each with absolute `start` and `end` steps."""
+        """The stages kept for this model, each with absolute `start` and `end` steps and its trainable groups."""
         speeder = unwrap_speeder(model)
         have, kept, previous = set(speeder.mrc.modalities), [], set()
         for i, stage in enumerate(self.stages):
@@ -289,7 +289,8 @@ class SpeederMPOCallback(TrainerCallback):
                                sorted(wanted - previous))
                 continue
             kept.append(dict(asdict(stage), index=i, modalities=[m for m in stage.modalities if m in have],
-                             new=sorted((wanted - previous) & have)))
+                             new=sorted((wanted - previous) & have), trainable=list(stage.trainable or
+                                                                                     speeder.parameter_groups)))
             previous = wanted
         if not kept:
             raise ValueError(f"No MPO stage uses this model's modalities {sorted(have)}")
@@ -319,7 +320,7 @@ class SpeederMPOCallback(TrainerCallback):
             self.transitions.append((step, stage["index"]))
             logger.info("MPO stage %d from step %d: modalities %s, trainable %s", stage["index"], step,
                         stage["modalities"], stage["trainable"])
-            groups = set(stage["trainable"] or speeder.parameter_groups)
+            groups = set(stage["trainable"])
             unknown = groups - set(speeder.parameter_groups)
             if unknown:
                 raise ValueError(f"MPO stage {stage['index']} trains unknown groups {sorted(unknown)}; the model has "

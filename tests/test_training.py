@@ -394,7 +394,7 @@ def test_train_and_evaluate_cli_from_yaml(tmp_path):
         cli(["train", "--config", str(tmp_path / "bad.yaml")])
     for stage, message in (("{modalities: [txt]}", "needs modalities among"), ("{modalities: [text], size: 1}", "mapping of")):
         (tmp_path / "bad.yaml").write_text(f"data: {tmp_path / 'data'}\nmpo_schedule:\n- {stage}\n")
-        with pytest.raises(SystemExit, match=f"bad.yaml: mpo_schedule: .*{message}"):
+        with pytest.raises(ValueError, match=f"mpo_schedule: .*{message}"):
             cli(["train", "--config", str(tmp_path / "bad.yaml")])
 
 
