@@ -88,7 +88,7 @@ def demo(args):
     output = Path(args.output)
     dataset = args.dataset
     if dataset == "auto":
-        dataset = "scientific" if recipes.find_shared_scientific() else "ml-100k"
+        dataset = "scientific" if recipes.find_shared_dataset("scientific") else "ml-100k"
     # Model selection scores every validation user after each epoch; on Beauty (22k users) the first 5,000 of them keep
     # the demo's budget (the reported validation and test figures still cover every user).
     selection_rows = args.selection_rows or DEMO_SELECTION_ROWS.get(dataset)

@@ -408,28 +408,41 @@ class SpeederModel(SpeederPreTrainedModel):
 
     # ----- item feature bank and item cache -----
 
-    def set_item_features(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None):
-        """Fill the feature bank. features[m]: (N, d_m); presence[m]: (N,) bool, False where an item lacks m."""
-        n, presence = self.config.num_items, presence or {}
+    def _checked_bank_rows(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None, n: int,
+                           id_present: torch.Tensor | None = None):
+        """(features, presence (n, M)) of n catalog rows, checked before anything changes: features[m] (n, d_m) of
+        stored modalities, zeros for one not given; presence[m] (n,) bool, by default True where features are given
+        and True only there; absent rows zeroed. `id_present` (n,): the learned id table's presence column."""
         stored = [m for m in self.mrc.modalities if not (m == "id" and self.mrc.id_embedding is not None)]
-        missing, unknown = set(stored) - set(features), set(features) - set(stored)
-        if missing or unknown:
-            raise ValueError(f"Features for modalities {stored} expected; missing {sorted(missing)}, unknown {sorted(unknown)}")
-        new_presence, features = self.mrc.presence.clone(), dict(features)
-        for m, x in features.items():
-            j = self.mrc.modalities.index(m)
-            x = torch.as_tensor(x, dtype=torch.float32)
+        if set(features) - set(stored):
+            raise ValueError(f"Features of some of {stored} expected (the stored modalities); got {sorted(features)}")
+        rows, new_presence = {}, torch.zeros(n, len(self.mrc.modalities), dtype=torch.bool)
+        if id_present is not None:
+            new_presence[:, self.mrc.modalities.index("id")] = id_present
+        for m in stored:
             expected = (n, self.config.feature_dims[m])
+            x = torch.as_tensor(features[m], dtype=torch.float32) if m in features else torch.zeros(expected)
             if tuple(x.shape) != expected:
                 raise ValueError(f"Features '{m}' have shape {tuple(x.shape)}; this checkpoint expects {expected}")
-            mask = torch.as_tensor(presence.get(m, torch.ones(n, dtype=torch.bool)), dtype=torch.bool)
-            if mask.shape != (n,):
-                raise ValueError(f"Presence '{m}' has shape {tuple(mask.shape)}; expected ({n},)")
-            features[m], new_presence[:, j] = x, mask
-        check_feature_bank(features, new_presence, self.mrc.modalities)
+            mask = torch.as_tensor((presence or {}).get(m, torch.full((n,), m in features)), dtype=torch.bool)
+            if mask.shape != (n,) or (m not in features and mask.any()):
+                raise ValueError(f"Presence '{m}' has shape {tuple(mask.shape)}, expected ({n},), and can be True only "
+                                 "where features are given")
+            rows[m], new_presence[:, self.mrc.modalities.index(m)] = torch.where(mask[:, None], x, 0.0), mask
+        check_feature_bank(rows, new_presence, self.mrc.modalities)
+        return rows, new_presence
+
+    def set_item_features(self, features: dict[str, torch.Tensor], presence: dict[str, torch.Tensor] | None = None):
+        """Fill the feature bank. features[m]: (N, d_m) for every stored modality; presence[m]: (N,) bool, False
+        where an item lacks m."""
+        learned_id = self.mrc.id_embedding is not None
+        missing = [m for m in self.mrc.modalities if m not in features and not (m == "id" and learned_id)]
+        if missing:
+            raise ValueError(f"Features of every stored modality expected; missing {missing}")
+        id_present = self.mrc.presence[:, self.mrc.modalities.index("id")] if learned_id else None
+        features, new_presence = self._checked_bank_rows(features, presence, self.config.num_items, id_present)
         for m, x in features.items():
-            mask = new_presence[:, self.mrc.modalities.index(m)]
-            getattr(self.mrc, f"features_{m}").copy_(torch.where(mask[:, None], x, 0.0))
+            getattr(self.mrc, f"features_{m}").copy_(x)
         self.mrc.presence.copy_(new_presence)
         self.clear_item_cache()
 
@@ -438,28 +451,14 @@ class SpeederModel(SpeederPreTrainedModel):
         features[m]: (n, d_m) for any of the model's stored modalities; a modality not given is absent for the new
         items (a new item has no interactions, so no `id` features); presence[m]: (n,) bool, False where an item lacks
         m. Everything is checked before anything changes. Returns n."""
-        stored = [m for m in self.mrc.modalities if not (m == "id" and self.mrc.id_embedding is not None)]
-        unknown = set(features) - set(stored)
-        if unknown or not features:
-            raise ValueError(f"New items need features of some of {stored}; got {sorted(features)}")
+        if not features:
+            raise ValueError("New items need features of some of the stored modalities; got none")
         n = len(next(iter(features.values())))
-        new_features, new_presence = {}, torch.zeros(n, len(self.mrc.modalities), dtype=torch.bool)
-        for m in stored:
-            width = self.config.feature_dims[m]
-            x = torch.as_tensor(features[m], dtype=torch.float32) if m in features else torch.zeros(n, width)
-            if tuple(x.shape) != (n, width):
-                raise ValueError(f"Features '{m}' of the new items have shape {tuple(x.shape)}; expected {(n, width)}")
-            mask = torch.as_tensor((presence or {}).get(m, torch.full((n,), m in features)), dtype=torch.bool)
-            if mask.shape != (n,) or (m not in features and mask.any()):
-                raise ValueError(f"Presence '{m}' of the new items has shape {tuple(mask.shape)}, expected ({n},), "
-                                 "and can be True only where features are given")
-            new_features[m], new_presence[:, self.mrc.modalities.index(m)] = torch.where(mask[:, None], x, 0.0), mask
-        check_feature_bank(new_features, new_presence, self.mrc.modalities)
-        buffers = self.mrc.presence.device, self.mrc.presence.dtype
+        new_features, new_presence = self._checked_bank_rows(features, presence, n)
         for m, x in new_features.items():
             bank = getattr(self.mrc, f"features_{m}")
             self.mrc.register_buffer(f"features_{m}", torch.cat([bank, x.to(bank.device, bank.dtype)]))
-        self.mrc.register_buffer("presence", torch.cat([self.mrc.presence, new_presence.to(*buffers)]))
+        self.mrc.register_buffer("presence", torch.cat([self.mrc.presence, new_presence.to(self.mrc.presence.device)]))
         if self.mrc.id_embedding is not None:  # rows for the new items, never let through (their presence is False)
             append_rows(self.mrc.id_embedding, torch.zeros(n, self.config.learned_id_dim))
         self.config.num_items += n

@@ -49,9 +49,6 @@ from .training import (
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCIENTIFIC = "amazon-scientific-mm"
-
-
 SHARED_DATASETS = {"scientific": ("amazon-scientific-mm", "Scientific.item2index"),
                    "beauty": ("amazon-beauty", "Beauty.txt")}
 DATASETS = ("ml-100k", "scientific", "beauty")
@@ -65,10 +62,6 @@ def find_shared_dataset(name: str) -> Path | None:
         if (path / marker).exists():
             return path
     return None
-
-
-def find_shared_scientific() -> Path | None:
-    return find_shared_dataset("scientific")
 
 
 def prepare_dataset(name: str, output: Path) -> dict:
@@ -345,6 +338,8 @@ def trainer_arguments(model, output: Path, settings: TrainArguments, train_rows,
         total = settings.max_steps if fixed_budget else int(settings.epochs * steps_per_epoch)
         defaults["eval_delay"] = mpo_callback.plan(model, total)[-1]["start"] + 1
     return TrainingArguments(**{**defaults, **training_kwargs}), mpo_callback
+
+
 def training_report(trainer, settings: TrainArguments, mpo_callback, divergence, train_seconds: float, resumed_from):
     """What ran: steps, time, selection, the catalog loss, distillation and the MPO schedule as it was applied."""
     state, config = trainer.state, unwrap_speeder(trainer.model).config

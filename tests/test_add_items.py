@@ -57,7 +57,7 @@ def test_new_items_get_the_median_bias_no_id_and_untouched_old_rows():
     [
         (["item3"], {"text": torch.randn(1, 24)}, None, r"already in the catalog or repeated: \['item3'\]"),
         (["x", "x"], {"text": torch.randn(2, 24)}, None, r"repeated: \['x'\]"),
-        (["x"], {"text": torch.randn(1, 23)}, None, r"shape \(1, 23\); expected \(1, 24\)"),
+        (["x"], {"text": torch.randn(1, 23)}, None, r"shape \(1, 23\); this checkpoint expects \(1, 24\)"),
         (["x"], {"text": torch.full((1, 24), float("nan"))}, None, "NaN or inf in rows"),
         (["x"], {"text": torch.randn(1, 24)}, {"text": torch.tensor([False])}, "no modality present"),
         (["x"], {"text": torch.randn(1, 24)}, {"image": torch.tensor([True])}, "can be True only where features"),
@@ -123,7 +123,7 @@ def test_the_add_items_command_extends_a_checkpoint_and_refuses_bad_input_withou
                                                                 {"item_id": "pen", "text": "a green pen"}]))
     snapshot = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.is_file()}
     wide_encoder = tiny_text_encoder(tmp_path / "wide", width=32)
-    with pytest.raises(ValueError, match=r"shape \(2, 32\); expected \(2, 24\)"):
+    with pytest.raises(ValueError, match=r"shape \(2, 32\); this checkpoint expects \(2, 24\)"):
         run(["add-items", "--model", str(tmp_path / "ckpt"), "--items", str(items), "--text-encoder", wide_encoder])
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.is_file()} == snapshot
     run(["add-items", "--model", str(tmp_path / "ckpt"), "--items", str(items), "--text-encoder", encoder])
