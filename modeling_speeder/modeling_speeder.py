@@ -329,18 +329,20 @@ LEGACY_KEY_MAPPING = {r"^backbone\.": "model.backbone.", r"^mrc\.": "model.mrc."
 BACKBONE_KWARGS = (TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__) - {
     "position_ids", "output_attentions", "output_hidden_states"}
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+CANDIDATE_TOKEN_TYPE = 2  # in the processor's `mm_token_type_ids` (its TOKEN_TYPES: text, history item, candidate)
 
 
-def _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, query_index,
-                  candidate_token_index, candidate_segment_ids, cu_seq_lens_q):
+def _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, mm_token_type_ids,
+                  query_index, candidate_token_index, candidate_segment_ids, cu_seq_lens_q):
     """Raise unless the inputs state the processor's whole layout, consistently (shapes only: no device sync)."""
-    missing = [name for name, value in (("position_ids", position_ids), ("item_token_index", item_token_index),
-                                        ("recency_index", recency_index), ("query_index", query_index)) if value is None]
+    per_token = {"position_ids": position_ids, "item_token_index": item_token_index, "recency_index": recency_index,
+                 "mm_token_type_ids": mm_token_type_ids}
+    missing = [name for name, value in (*per_token.items(), ("query_index", query_index)) if value is None]
     if missing:
         raise ValueError(f"Speeder's forward needs the processor's layout, missing {missing}: pass the whole output of "
                          "SpeederProcessor")
-    if input_ids.shape != attention_mask.shape or input_ids.shape != position_ids.shape:
-        raise ValueError("input_ids, attention_mask and position_ids must have the same (B, T) shape")
+    if input_ids.shape != attention_mask.shape or any(value.shape != input_ids.shape for value in per_token.values()):
+        raise ValueError(f"input_ids, attention_mask and {', '.join(per_token)} must have the same (B, T) shape")
     in_prompt = candidate_token_index is not None
     if in_prompt and candidate_segment_ids is None:
         raise ValueError("candidate_token_index needs candidate_segment_ids: pass the processor's whole output")
@@ -552,16 +554,17 @@ class SpeederModel(SpeederPreTrainedModel):
 
     # ----- prompt embedding and masks -----
 
-    def embed_prompt(self, input_ids, item_token_index, recency_index, modality_mask, example_of_token):
-        """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE recency.
+    def embed_prompt(self, input_ids, item_token_index, recency_index, mm_token_type_ids, modality_mask, example_of_token):
+        """Token embeddings with every item placeholder replaced by its MRC soft token plus its SPAE embedding: its
+        recency for a history item, the candidates' shared row for a candidate (`mm_token_type_ids`).
         example_of_token: (B, T) the example each token belongs to (its row, or its sequence in a packed row)."""
         k, n_items = self.config.tokens_per_item, self.config.num_items
         is_item = item_token_index >= 0  # (B, T)
         # The processor validates ids and layout on the host; these device-side asserts only catch inputs from another
         # processor, without synchronising with the device (torch.compile and CUDA graphs need none).
         torch._assert_async(
-            (is_item == (input_ids == self.config.item_token_id)).all(),
-            "item placeholder tokens and item_token_index disagree: pass the output of one processor call",
+            (is_item == (input_ids == self.config.item_token_id)).all() & (is_item == (mm_token_type_ids > 0)).all(),
+            "item placeholder tokens, item_token_index and mm_token_type_ids disagree: pass the output of one processor call",
         )
         torch._assert_async(
             (item_token_index < n_items * k).all(),
@@ -580,8 +583,9 @@ class SpeederModel(SpeederPreTrainedModel):
             tokens = self.mrc((token_index // k).flatten(), active.flatten(0, 1))[0]  # (B * T, K, H)
             which = (token_index % k).view(-1, 1, 1).expand(-1, 1, tokens.shape[-1])  # each position's k of K
             item_vectors = tokens.gather(1, which).view(*token_index.shape, -1)  # (B, T, H)
-        if self.recency_embedding is not None:
-            item_vectors = item_vectors + self.recency_embedding(recency_index.clamp(min=0))
+        if self.recency_embedding is not None:  # the candidates, an unordered set, share the row after the recencies
+            rows = torch.where(mm_token_type_ids == CANDIDATE_TOKEN_TYPE, self.config.max_history, recency_index.clamp(min=0))
+            item_vectors = item_vectors + self.recency_embedding(rows)
         item_vectors = F.dropout(item_vectors, self.config.item_dropout, self.training)
         return torch.where(is_item.unsqueeze(-1), item_vectors.to(embeds.dtype), embeds)
 
@@ -653,7 +657,8 @@ class SpeederModel(SpeederPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,  # (B, T); None: no padding
         position_ids: torch.LongTensor | None = None,  # (B, T) SPAE item-level positions (from the processor)
         item_token_index: torch.LongTensor | None = None,  # (B, T) item * K + k at placeholders, -1 elsewhere
-        recency_index: torch.LongTensor | None = None,  # (B, T) recency at history tokens, max_history at candidates
+        recency_index: torch.LongTensor | None = None,  # (B, T) recency at history item tokens (0 = latest), -1 elsewhere
+        mm_token_type_ids: torch.LongTensor | None = None,  # (B, T) 0 text, 1 history item, 2 candidate
         query_index: torch.LongTensor | None = None,  # (B,) the query token of each row; (S,) per sequence when packed
         candidate_token_index: torch.LongTensor | None = None,  # (B, C) last token of each candidate in the prompt
         candidate_segment_ids: torch.LongTensor | None = None,  # (B, T) 0 shared prompt, c + 1 candidate c's tokens
@@ -675,10 +680,11 @@ class SpeederModel(SpeederPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         cu_seq_lens_q = kwargs.get("cu_seq_lens_q")
         packed, in_prompt = cu_seq_lens_q is not None, candidate_token_index is not None
-        _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, query_index,
-                      candidate_token_index, candidate_segment_ids, cu_seq_lens_q)
+        _check_layout(input_ids, attention_mask, position_ids, item_token_index, recency_index, mm_token_type_ids,
+                      query_index, candidate_token_index, candidate_segment_ids, cu_seq_lens_q)
         example_of_token, query_rows = _examples(input_ids, query_index, cu_seq_lens_q)
-        embeds = self.embed_prompt(input_ids, item_token_index, recency_index, modality_mask, example_of_token)
+        embeds = self.embed_prompt(input_ids, item_token_index, recency_index, mm_token_type_ids, modality_mask,
+                                   example_of_token)
 
         if in_prompt and self.uses_prefix_cache(candidate_scoring):
             output = self._encode_candidates_with_prefix_cache(embeds, attention_mask, position_ids, query_index,
@@ -944,6 +950,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         item_token_index: torch.LongTensor | None = None,
         recency_index: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
         query_index: torch.LongTensor | None = None,
         candidate_token_index: torch.LongTensor | None = None,
         candidate_segment_ids: torch.LongTensor | None = None,
@@ -974,8 +981,8 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
                                 last_item_index)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            item_token_index=item_token_index, recency_index=recency_index, query_index=query_index,
-            candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
+            item_token_index=item_token_index, recency_index=recency_index, mm_token_type_ids=mm_token_type_ids,
+            query_index=query_index, candidate_token_index=candidate_token_index, candidate_segment_ids=candidate_segment_ids,
             modality_mask=modality_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             return_dict=True, candidate_scoring=candidate_scoring, **kwargs)
         sampled = dict(item_rows=catalog_item_rows, item_log_q=catalog_item_log_q)

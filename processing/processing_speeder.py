@@ -18,6 +18,9 @@ from transformers.processing_utils import ProcessorMixin
 
 DEFAULT_PROMPT_PREFIX = "A user interacted with these items, oldest first:"
 DEFAULT_PROMPT_BRIDGE = ". The item they interact with next is"
+# What each token is (`mm_token_type_ids`, as transformers' multimodal processors name their map): the id is the index.
+TOKEN_TYPES = ("text", "history_item", "candidate")
+TEXT, HISTORY_ITEM, CANDIDATE = range(len(TOKEN_TYPES))
 
 
 def catalog_fingerprint(item_ids: Sequence[str]) -> str:
@@ -37,7 +40,9 @@ class SpeederProcessor(ProcessorMixin):
     successive items advance by one, so RoPE distances between items are item distances whatever K and the text.
     All candidates share the id after the query (they are an unordered set).
 
-    Besides the tokens, the output states the layout, so the model never re-derives it: `query_index` (B,) the query
+    Besides the tokens, the output states the layout, so the model never re-derives it: `mm_token_type_ids` (B, T)
+    what each token is (0 text, padding included, 1 history item, 2 candidate: `TOKEN_TYPES`); `recency_index` (B, T)
+    each history item token's recency (0 = the latest), -1 elsewhere; `query_index` (B,) the query
     token of each row, (S,) per sequence when packed; with candidates in the prompt, `candidate_token_index` (B, C) the
     last token of each candidate and `candidate_segment_ids` (B, T) 0 for the shared prompt and c + 1 for the tokens
     of candidate c; `last_item_index` (B, T) the catalog row of the latest history item at or before each token (-1
@@ -128,32 +133,32 @@ class SpeederProcessor(ProcessorMixin):
     # ----- prompt building -----
 
     def _row(self, history: list[int], candidates: list[int]):
-        """One prompt: token ids, SPAE position ids, item token indices, recency indices and the latest history item
-        at each token (lists of length T), and the index of its query token."""
+        """One prompt: token ids, SPAE position ids, item token indices, recency indices, the latest history item at
+        each token and token types (lists of length T), and the index of its query token."""
         k, level = self.tokens_per_item, self.item_level_position_ids
-        ids, pos, item_idx, recency, latest = [], [], [], [], []
+        ids, pos, item_idx, recency, latest, types = [], [], [], [], [], []
 
         def text(tokens):
             start = pos[-1] + 1 if pos else 0
             ids.extend(tokens), pos.extend(range(start, start + len(tokens)))
             item_idx.extend([-1] * len(tokens)), recency.extend([-1] * len(tokens))
-            latest.extend([latest[-1] if latest else -1] * len(tokens))
+            latest.extend([latest[-1] if latest else -1] * len(tokens)), types.extend([TEXT] * len(tokens))
 
-        def item(row, r, position):
+        def item(row, r, position, kind):
             ids.extend([self.item_token_id] * k)
             pos.extend([position] * k if level else range(position, position + k))
-            item_idx.extend(row * k + j for j in range(k)), recency.extend([r] * k)
-            latest.extend([row if r < self.max_history else latest[-1]] * k)  # a candidate is not history
+            item_idx.extend(row * k + j for j in range(k)), recency.extend([r] * k), types.extend([kind] * k)
+            latest.extend([row if kind == HISTORY_ITEM else latest[-1]] * k)  # a candidate is not history
 
         text(self._prefix_ids)
         for j, row in enumerate(history):
-            item(row, len(history) - 1 - j, pos[-1] + 1 if pos else 0)
+            item(row, len(history) - 1 - j, pos[-1] + 1 if pos else 0, HISTORY_ITEM)
         text(self._bridge_ids)
         text([self.query_token_id])
         query, shared = len(ids) - 1, pos[-1] + 1
-        for row in candidates:
-            item(row, self.max_history, shared)
-        return (ids, pos, item_idx, recency, latest), query
+        for row in candidates:  # an unordered set: no recency, one shared position id
+            item(row, -1, shared, CANDIDATE)
+        return (ids, pos, item_idx, recency, latest, types), query
 
     def __call__(
         self,
@@ -258,8 +263,8 @@ class SpeederProcessor(ProcessorMixin):
         """Per token of the user's prompt: the catalog row of the item that followed, at the last token of each history
         item from the `first` on (the item after the whole history, the target, at the query token, the state
         inference reads, so the served position is trained too); -100 elsewhere."""
-        (ids, _, item_idx, recency, _), hist = user["row"], user["history"]
-        item_tokens = [t for t, (row, r) in enumerate(zip(item_idx, recency)) if row >= 0 and 0 <= r < self.max_history]
+        (ids, *_, types), hist = user["row"], user["history"]
+        item_tokens = [t for t, kind in enumerate(types) if kind == HISTORY_ITEM]
         predictor = [item_tokens[(j + 1) * self.tokens_per_item - 1] for j in range(len(hist) - 1)] + [user["query"]]
         labels = [-100] * len(ids)
         for j, next_row in enumerate(hist[1:] + [user["target"]]):
@@ -276,7 +281,7 @@ class SpeederProcessor(ProcessorMixin):
         dense = "dense_labels" in users[0]
         if packed:  # the sequences back to back: each one's offset is the length before it
             offsets = [sum(lengths[:s]) for s in range(len(lengths))]
-            rows = [tuple([value for r in rows for value in r[i]] for i in range(5))]
+            rows = [tuple([value for r in rows for value in r[i]] for i in range(len(rows[0])))]
             dense_labels = [[value for u in users for value in u["dense_labels"]]] if dense else []
         else:
             dense_labels = [u["dense_labels"] for u in users] if dense else []
@@ -290,7 +295,7 @@ class SpeederProcessor(ProcessorMixin):
         data = {"input_ids": [pad(r[0], self.pad_token_id) for r in rows],
                 "attention_mask": [pad([1] * len(r[0]), 0) for r in rows], "position_ids": [pad(r[1], 0) for r in rows],
                 "item_token_index": [pad(r[2], -1) for r in rows], "recency_index": [pad(r[3], -1) for r in rows],
-                "last_item_index": [pad(r[4], -1) for r in rows],
+                "last_item_index": [pad(r[4], -1) for r in rows], "mm_token_type_ids": [pad(r[5], TEXT) for r in rows],
                 "query_index": [offset + u["query"] for offset, u in zip(offsets, users)]}
         k = self.tokens_per_item
         if with_candidates:
@@ -372,8 +377,8 @@ class SpeederProcessor(ProcessorMixin):
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "position_ids", "item_token_index", "recency_index", "last_item_index",
-                "query_index",
+                "mm_token_type_ids", "query_index",
                 "candidate_item_index", "candidate_token_index", "candidate_segment_ids"]
 
 
-__all__ = ["DEFAULT_PROMPT_BRIDGE", "DEFAULT_PROMPT_PREFIX", "SpeederProcessor", "catalog_fingerprint"]
+__all__ = ["DEFAULT_PROMPT_BRIDGE", "DEFAULT_PROMPT_PREFIX", "TOKEN_TYPES", "SpeederProcessor", "catalog_fingerprint"]

@@ -27,8 +27,8 @@ def test_the_processor_states_the_latest_history_item_at_every_token():
     _, processor = make_tiny("llama", tokens_per_item=2)
     for packed in (False, True):
         inputs = processor(histories=HISTORIES, packed=packed)
-        latest, items, recency = inputs["last_item_index"], inputs["item_token_index"], inputs["recency_index"]
-        history_token = (items >= 0) & (recency < processor.max_history)
+        latest, items = inputs["last_item_index"], inputs["item_token_index"]
+        history_token = inputs["mm_token_type_ids"] == 1
         torch.testing.assert_close(latest[history_token], items[history_token] // 2)  # an item token: its own item
         last_rows = [processor.item_index(h[-1]) for h in HISTORIES]
         query_rows = torch.zeros_like(inputs["query_index"]) if packed else torch.arange(len(HISTORIES))

@@ -9,7 +9,7 @@ from modeling_speeder.conversion.build import make_word_tokenizer
 
 
 def item_positions(inputs, row=0):
-    hist = (inputs["item_token_index"][row] >= 0) & (inputs["recency_index"][row] < 8)
+    hist = inputs["mm_token_type_ids"][row] == 1
     return inputs["position_ids"][row][hist]
 
 
@@ -44,10 +44,10 @@ def test_left_padding_and_truncation():
     long_history = [f"item{i}" for i in range(12)]
     inputs = proc(histories=[long_history, ["item1"]], candidates=[["item20", "item21"], ["item22", "item23"]])
     assert inputs["attention_mask"][1, 0] == 0 and inputs["attention_mask"][:, -1].all(), "left padded"
-    kept = inputs["item_token_index"][0][(inputs["recency_index"][0] >= 0) & (inputs["recency_index"][0] < 8)]
-    assert kept.tolist() == list(range(4, 12)), "the most recent max_history items are kept"
-    recency = inputs["recency_index"][0][(inputs["recency_index"][0] >= 0) & (inputs["recency_index"][0] < 8)]
-    assert recency.tolist() == list(range(7, -1, -1)), "recency counts back from the last item"
+    history = inputs["mm_token_type_ids"][0] == 1
+    assert inputs["item_token_index"][0][history].tolist() == list(range(4, 12)), "the most recent items are kept"
+    assert inputs["recency_index"][0][history].tolist() == list(range(7, -1, -1)), "recency counts back from the last"
+    assert (inputs["recency_index"][0][~history] == -1).all(), "only history items have a recency"
 
 
 def test_right_padding_states_the_same_layout(tmp_path):
@@ -61,7 +61,7 @@ def test_right_padding_states_the_same_layout(tmp_path):
     for b in range(len(HISTORIES)):
         real_left, real_right = left["attention_mask"][b] == 1, right["attention_mask"][b] == 1
         for key in ("input_ids", "position_ids", "item_token_index", "recency_index", "last_item_index",
-                    "candidate_segment_ids"):
+                    "mm_token_type_ids", "candidate_segment_ids"):
             assert torch.equal(right[key][b][real_right], left[key][b][real_left]), key
     assert torch.equal(right["query_index"], left["query_index"] - padding)
     assert torch.equal(right["candidate_token_index"], left["candidate_token_index"] - padding[:, None])
@@ -90,7 +90,7 @@ def test_recency_embedding_makes_order_matter():
     inputs = proc(histories=[["item1", "item2", "item3"]], candidates=[["item4", "item5", "item6"]])
     swapped = dict(inputs)
     swapped["recency_index"] = inputs["recency_index"].clone()
-    hist = (inputs["recency_index"] >= 0) & (inputs["recency_index"] < model.config.max_history)
+    hist = inputs["mm_token_type_ids"] == 1
     swapped["recency_index"][hist] = inputs["recency_index"][hist].flip(0)
     with torch.no_grad():
         a, b = model(**inputs).candidate_scores, model(**swapped).candidate_scores
@@ -265,3 +265,47 @@ def test_item_cache_follows_edits_through_data():
     assert before != model.recommend(HISTORIES, top_k=5, processor=proc)
     torch.testing.assert_close(model.model.item_representations(), expected)
 
+
+
+@pytest.mark.parametrize("layout", ["left", "right", "packed"])
+def test_the_token_type_map_states_what_each_token_is(layout):
+    """`mm_token_type_ids`: 0 text (padding too), 1 history item, 2 candidate, agreeing with the placeholders, the
+    candidates' segments and the recency indices, on either padding side and packed."""
+    _, proc = make_tiny("llama", tokens_per_item=2)
+    if layout == "packed":
+        inputs = proc(histories=HISTORIES, packed=True)
+    else:
+        inputs = proc(histories=HISTORIES, candidates=CANDIDATES, padding_side=layout)
+    types = inputs["mm_token_type_ids"]
+    assert set(types.unique().tolist()) <= {0, 1, 2}
+    assert torch.equal(types > 0, inputs["item_token_index"] >= 0), "item tokens are the placeholders"
+    assert torch.equal(types == 1, inputs["recency_index"] >= 0), "history items, and only they, have a recency"
+    assert (types[inputs["attention_mask"] == 0] == 0).all()
+    if layout != "packed":
+        assert torch.equal(types == 2, inputs["candidate_segment_ids"] > 0), "candidates are their segments"
+        history_lengths = [min(len(h), proc.max_history) * proc.tokens_per_item for h in HISTORIES]
+        assert (types == 1).sum(1).tolist() == history_lengths
+
+
+def test_candidates_share_the_spae_row_after_the_recencies():
+    """The model reads the map: a candidate token gets the SPAE row after the recencies, a history item the row of
+    its recency; the map is required and must agree with the placeholders."""
+    model, proc = make_tiny("llama")
+    model.eval()
+    inputs = proc(histories=HISTORIES, candidates=CANDIDATES)
+    layout = {k: inputs[k] for k in ("input_ids", "item_token_index", "recency_index", "mm_token_type_ids")}
+    table = model.model.recency_embedding.weight.detach().clone()
+    with torch.no_grad():
+        embeds = model.model.embed_prompt(**layout, modality_mask=None, example_of_token=None)
+        model.model.recency_embedding.weight.zero_()
+        spae = embeds - model.model.embed_prompt(**layout, modality_mask=None, example_of_token=None)
+    candidate, history = inputs["mm_token_type_ids"] == 2, inputs["mm_token_type_ids"] == 1
+    assert candidate.any() and history.any()
+    torch.testing.assert_close(spae[candidate], table[model.config.max_history].expand(int(candidate.sum()), -1))
+    torch.testing.assert_close(spae[history], table[inputs["recency_index"][history]])
+    missing = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match=r"missing \['mm_token_type_ids'\]"):
+        model(**missing)
+    wrong = dict(inputs, mm_token_type_ids=torch.zeros_like(inputs["mm_token_type_ids"]))
+    with pytest.raises(RuntimeError, match="mm_token_type_ids disagree"):
+        model(**wrong)
