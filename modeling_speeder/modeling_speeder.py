@@ -723,15 +723,21 @@ class SpeederModel(SpeederPreTrainedModel):
     def _encode_candidates_with_prefix_cache(self, embeds, attention_mask, position_ids, query_index,
                                              candidate_token_index):
         """Encode the shared prompt once with a KV cache, then every candidate as a continuation of it (for kernels
-        that take no arbitrary mask). Needs the processor's left-padded layout, the candidates' tokens closing the row,
-        and checks that the stated indices are that layout (on the device: no host synchronisation)."""
+        that take no arbitrary mask). Each row is first rotated so that its last candidate token closes it (right
+        padding then leads, as left padding does), so the shared prompt is the row minus the candidates' tokens; the
+        stated indices are checked against that layout on the device (no host synchronisation)."""
         batch_size, num_candidates = candidate_token_index.shape
-        k = self.config.tokens_per_item
-        prefix_len = embeds.shape[1] - num_candidates * k
+        k, seq_len = self.config.tokens_per_item, embeds.shape[1]
+        shift = seq_len - 1 - candidate_token_index.amax(-1, keepdim=True)  # (B, 1) tokens after the last candidate
+        source = (torch.arange(seq_len, device=embeds.device) - shift) % seq_len  # (B, T) each new place's old one
+        embeds = embeds.gather(1, source[..., None].expand(-1, -1, embeds.shape[-1]))
+        attention_mask, position_ids = attention_mask.gather(1, source), position_ids.gather(1, source)
+        prefix_len = seq_len - num_candidates * k
         last_tokens = prefix_len - 1 + k * torch.arange(1, num_candidates + 1, device=candidate_token_index.device)
-        torch._assert_async((query_index == prefix_len - 1).all() & (candidate_token_index == last_tokens).all(),
-                            "the prefix-cache path needs the processor's left-padded layout (padding_side='left': the "
-                            "query, then the candidates, closing every row)")
+        torch._assert_async((query_index + shift[:, 0] == prefix_len - 1).all()
+                            & (candidate_token_index + shift == last_tokens).all(),
+                            "the prefix-cache path needs the processor's layout: the query, then the candidates in "
+                            "order, then only padding")
         prefix = self.backbone(
             inputs_embeds=embeds[:, :prefix_len],
             attention_mask=attention_mask[:, :prefix_len],

@@ -55,8 +55,8 @@ class SpeederProcessor(ProcessorMixin):
         tokens_per_item: K soft tokens per item; must match the model.
         item_level_position_ids: SPAE relative positions; False gives plain token positions.
         prompt_prefix / prompt_bridge: the text around the history.
-        padding_side: "left" (the default: the query and candidates end every row, the layout the prefix-cache
-            candidate path needs) or "right"; `__call__` may override it per batch, as a tokenizer's.
+        padding_side: "left" (the default: the query and candidates end every row) or "right"; `__call__` may
+            override it per batch, as a tokenizer's.
     """
 
     def __init__(

@@ -88,7 +88,7 @@ def test_eager_equals_sdpa_with_padding(family):
 def test_right_padding_gives_the_left_padded_results(family):
     """Either padding side: the processor states the layout, so a right-padded batch scores, loses and learns as the
     left-padded one on the one-pass path (candidates in the prompt, the catalog head with its content affinity, the
-    dense loss); the prefix-cache path, whose candidates must close every row, refuses it."""
+    dense loss) and on the prefix-cache path (FlashAttention's route)."""
     model, processor = make_tiny(family, tokens_per_item=2, catalog_loss_weight=1.0, content_affinity=1.5)
     model.train()
     results = []
@@ -111,9 +111,19 @@ def test_right_padding_gives_the_left_padded_results(family):
     assert right_grads.keys() == left_grads.keys()
     for name, grad in right_grads.items():
         torch.testing.assert_close(grad, left_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    right = processor(histories=HISTORIES, candidates=CANDIDATES, padding_side="right")
-    with pytest.raises(RuntimeError, match="left-padded layout"):
-        model(**right, candidate_scoring="prefix_cache")
+    model.zero_grad()
+    cached = []
+    for side in ("left", "right"):
+        inputs = processor(histories=HISTORIES, candidates=CANDIDATES, targets=TARGETS, padding_side=side)
+        out = model(**inputs, candidate_scoring="prefix_cache")
+        out.loss.backward()
+        cached.append((out.candidate_scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                       if p.grad is not None}))
+        model.zero_grad()
+    torch.testing.assert_close(cached[1][0], cached[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached[0][0], left_scores, rtol=0, atol=1e-5)
+    for name, grad in cached[1][1].items():
+        torch.testing.assert_close(grad, cached[0][1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_prefix_cache_path_matches_mask_path(family):
@@ -144,7 +154,7 @@ def test_prefix_cache_path_refuses_a_layout_it_cannot_read():
     moved = dict(inputs, candidate_token_index=inputs["candidate_token_index"].flip(-1))  # a stated layout it is not
     with torch.no_grad():
         model(**inputs, candidate_scoring="prefix_cache")
-        with pytest.raises(RuntimeError, match="prefix-cache path needs the processor's left-padded layout"):
+        with pytest.raises(RuntimeError, match="prefix-cache path needs the processor's layout"):
             model(**moved, candidate_scoring="prefix_cache")
 
 
