@@ -903,17 +903,20 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         corrected = corrected.scatter(1, column.clamp(min=0)[:, None], positive)
         return F.cross_entropy(corrected, column, ignore_index=-100, reduction=reduction)
 
-    def _candidate_scores(self, out: SpeederModelOutput, query, catalog_candidates=None, catalog_scores=None):
+    def _candidate_scores(self, out: SpeederModelOutput, query, candidate_item_index=None, catalog_scores=None):
         """(B, C) by the candidate head for candidates in the prompt, else by the catalog head for the catalog rows
-        `catalog_candidates` (B, C) (gathered from `catalog_scores` when computed anyway, else only those items
-        encoded) with the `catalog_query` vectors `query`; None without candidates."""
+        `candidate_item_index` (B, C) (gathered from `catalog_scores` when computed anyway, else only those items
+        encoded) with the `catalog_query` vectors `query`; a padded slot (row -1, a shorter candidate set) scores
+        -inf. None without candidates."""
         if out.candidate_hidden_states is not None:
-            return self.candidate_head(out.candidate_hidden_states).squeeze(-1)
-        if catalog_candidates is None:
+            scores = self.candidate_head(out.candidate_hidden_states).squeeze(-1)
+        elif candidate_item_index is None:
             return None
-        if catalog_scores is not None:
-            return catalog_scores.gather(1, catalog_candidates)
-        return self.score_items(query, catalog_candidates)
+        elif catalog_scores is not None:
+            scores = catalog_scores.gather(1, candidate_item_index.clamp(min=0))
+        else:
+            scores = self.score_items(query, candidate_item_index.clamp(min=0))
+        return scores if candidate_item_index is None else scores.masked_fill(candidate_item_index < 0, float("-inf"))
 
     def _loss(self, candidate_scores, labels, in_prompt: bool, dense_loss, catalog_labels, catalog_scores, query,
               sampled: dict):
@@ -1000,7 +1003,7 @@ class SpeederForSequentialRecommendation(SpeederPreTrainedModel):
         wants_catalog_loss = catalog_labels is not None and self.config.catalog_loss_weight and dense_loss is None
         full = return_catalog_scores or (wants_catalog_loss and catalog_item_rows is None)
         catalog_scores = self.score_items(query) if full else None  # (B, N)
-        candidate_scores = self._candidate_scores(out, query, None if in_prompt else candidate_item_index, catalog_scores)
+        candidate_scores = self._candidate_scores(out, query, candidate_item_index, catalog_scores)
         loss = self._loss(candidate_scores, labels, in_prompt, dense_loss,
                           catalog_labels if wants_catalog_loss else None, catalog_scores, query, sampled)
         output = SpeederRecommendationOutput(

@@ -176,8 +176,10 @@ class SpeederProcessor(ProcessorMixin):
     ) -> BatchEncoding:
         """
         histories: per user, item ids oldest first; truncated to the most recent `max_history`.
-        candidates: per user, a set of item ids to score (the same count for every user in a batch), or None for
-            catalog-head inputs only.
+        candidates: per user, a set of item ids to score, or None for catalog-head inputs only. The sets may differ
+            in size: a shorter one is padded to the batch's largest, its padded slots stated as catalog row -1 in
+            `candidate_item_index` (the model scores them -inf; in the prompt they repeat the set's first item, and
+            each candidate sees only the shared prompt and itself, so they change no other score).
         targets: per user, the next item; gives `labels` (its place among the candidates) and `catalog_labels`.
         dense: also emit `dense_catalog_labels` (B, T): at the last token of each history item but the last, the
             catalog index of the next history item; at the query token, the target; -100 elsewhere. One causal pass
@@ -198,13 +200,10 @@ class SpeederProcessor(ProcessorMixin):
         padding_side: "left" or "right" for this batch; None: the processor's `padding_side`.
         """
         self._check_batch(histories, candidates, targets, packed, dense, dense_labels_from, teacher_inputs, kwargs)
-        users = []
-        for b, history in enumerate(histories):
-            users.append(self._encode_user(b, history, None if candidates is None else candidates[b],
-                                           None if targets is None else targets[b], candidates_in_prompt))
-            if len(users[-1]["candidates"]) != len(users[0]["candidates"]):
-                raise ValueError(f"Candidate list {b} has {len(users[-1]['candidates'])} items but list 0 has "
-                                 f"{len(users[0]['candidates'])}: a batch needs the same number of candidates per user")
+        largest = 0 if candidates is None else max((len(c) for c in candidates if isinstance(c, Sequence)), default=0)
+        users = [self._encode_user(b, history, None if candidates is None else candidates[b],
+                                   None if targets is None else targets[b], candidates_in_prompt, largest)
+                 for b, history in enumerate(histories)]
         for b, user in enumerate(users if dense else []):
             # Positions dropped by truncation shift the first labelled one.
             dropped = len(histories[b]) - len(user["history"])
@@ -236,8 +235,9 @@ class SpeederProcessor(ProcessorMixin):
         if teacher_inputs and not dense:
             raise ValueError("teacher_inputs=True needs dense=True: the teacher scores the dense labels' prefixes")
 
-    def _encode_user(self, b: int, history, candidates, target, candidates_in_prompt: bool) -> dict:
-        """One user's catalog rows, prompt (`_row`) and labels; raises on an unknown, repeated or missing item."""
+    def _encode_user(self, b: int, history, candidates, target, candidates_in_prompt: bool, num_candidates: int) -> dict:
+        """One user's catalog rows, prompt (`_row`) and labels, the candidates padded to `num_candidates` (see
+        `__call__`); raises on an unknown, repeated or missing item."""
         if isinstance(history, str) or not len(history):
             raise ValueError(f"History {b} is empty or not a list of item ids: {history!r}")
         hist = [self.item_index(i) for i in history][-self.max_history :]
@@ -249,8 +249,9 @@ class SpeederProcessor(ProcessorMixin):
             if len(set(cands)) != len(cands):
                 dupes = [item for item, count in Counter(map(str, candidates)).items() if count > 1]
                 raise ValueError(f"Candidate list {b} has duplicate items {dupes}")
-        row, query = self._row(hist, cands if candidates_in_prompt else [])
-        user = {"history": hist, "candidates": cands, "row": row, "query": query, "target": -100}
+        padding = num_candidates - len(cands) if cands else 0
+        row, query = self._row(hist, cands + cands[:1] * padding if candidates_in_prompt else [])
+        user = {"history": hist, "candidates": cands + [-1] * padding, "row": row, "query": query, "target": -100}
         if target is not None:
             user["target"] = self.item_index(target)
             if candidates is not None:

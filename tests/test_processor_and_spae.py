@@ -135,7 +135,6 @@ def test_active_modalities_restrict_the_gate():
         (dict(histories=[["item1"]], candidates=[[]]), "Candidate list 0 is empty"),
         (dict(histories=[["item1"]], candidates=[["item2", "item3", "item2"]]), r"duplicate items \['item2'\]"),
         (dict(histories=[["item1"]], candidates=[["item2", "item3"]], targets=["item4"]), "Target 'item4' of row 0 is not among"),
-        (dict(histories=[["item1"], ["item2"]], candidates=[["item3"], ["item4", "item5"]]), "same number of candidates"),
         (dict(histories=["item1", "item2"]), "list of histories"),
     ],
 )
@@ -309,3 +308,31 @@ def test_candidates_share_the_spae_row_after_the_recencies():
     wrong = dict(inputs, mm_token_type_ids=torch.zeros_like(inputs["mm_token_type_ids"]))
     with pytest.raises(RuntimeError, match="mm_token_type_ids disagree"):
         model(**wrong)
+
+
+@pytest.mark.parametrize("head", ["candidate", "catalog"])
+def test_candidate_sets_of_different_sizes_share_a_batch(head):
+    """A shorter candidate set is padded to the batch's largest, its padded slots stated as catalog row -1 and scored
+    -inf; every real candidate scores as it does in a batch of its own, on both candidate paths, and the loss is
+    finite."""
+    model, proc = make_tiny("llama", tokens_per_item=2, candidate_ranking_head=head, catalog_loss_weight=1.0)
+    model.eval()
+    histories, candidates = [["item1", "item2"], ["item3"], ["item9"]], [["item4", "item5", "item6"], ["item7"],
+                                                                        ["item8", "item10"]]
+    in_prompt = head == "candidate"
+    batch = proc(histories=histories, candidates=candidates, targets=["item5", "item7", "item10"],
+                 candidates_in_prompt=in_prompt)
+    assert batch["candidate_item_index"].tolist() == [[4, 5, 6], [7, -1, -1], [8, 10, -1]]
+    assert batch["labels"].tolist() == [1, 0, 1]
+    paths = ("mask", "prefix_cache") if in_prompt else ("auto",)
+    with torch.no_grad():
+        for path in paths:
+            out = model(**batch, candidate_scoring=path)
+            assert torch.isfinite(out.loss)
+            for b, (history, items) in enumerate(zip(histories, candidates)):
+                alone = model(**proc(histories=[history], candidates=[items], candidates_in_prompt=in_prompt),
+                              candidate_scoring=path).candidate_scores[0]
+                torch.testing.assert_close(out.candidate_scores[b, : len(items)], alone, rtol=0, atol=1e-5)
+                assert torch.isneginf(out.candidate_scores[b, len(items) :]).all()
+    ranked = model.recommend(histories, candidates, top_k=3, processor=proc)
+    assert [len(r["item_ids"]) for r in ranked] == [3, 1, 2] and ranked[1]["item_ids"] == ["item7"]
