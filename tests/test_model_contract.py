@@ -182,13 +182,14 @@ def test_sliding_window_without_layer_types_keeps_candidates_a_set():
     torch.testing.assert_close(cached, scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_no_query_row_of_the_candidate_mask_is_fully_masked(impl):
-    """Left-padding queries must not be fully masked under the candidate-isolation mask: some SDPA kernels (cuDNN
-    under bf16 autocast on GPU) return NaN for such rows, and the NaN then reaches real rows in the next layer. CPU
-    kernels tolerate such rows, so the test reads the mask itself (and checks the outputs stay finite)."""
+def test_no_query_row_of_the_candidate_mask_is_fully_masked(impl, side):
+    """Padding queries must not be fully masked under the candidate-isolation mask: some SDPA kernels (cuDNN under
+    bf16 autocast on GPU) return NaN for such rows, and the NaN then reaches real rows in the next layer. CPU kernels
+    tolerate such rows, so the test reads the mask itself (and checks the outputs stay finite)."""
     model, processor = make_tiny("llama", attn_implementation=impl)
-    inputs = processor(histories=HISTORIES, candidates=CANDIDATES)
+    inputs = processor(histories=HISTORIES, candidates=CANDIDATES, padding_side=side)
     assert (inputs["attention_mask"] == 0).any(), "the batch must be padded for this test to mean anything"
     embeds = model.backbone.get_input_embeddings()(inputs["input_ids"])
     mask = model.model.candidate_masks(embeds, inputs["attention_mask"], inputs["candidate_segment_ids"],
