@@ -376,15 +376,17 @@ def test_pipeline_without_a_model_says_so():
 
 
 def test_pipeline_batches_lists_and_dicts_and_refuses_a_string_history(tmp_path):
-    """batch_size= ranks a list of histories (and of dicts with candidates, mixed with plain histories) exactly as
-    one at a time; a history or candidate list given as one string is an error, never split into characters."""
+    """batch_size= ranks a list of histories (and of dicts with candidates, of different sizes, mixed with plain
+    histories) exactly as one at a time; a history or candidate list given as one string is an error, never split
+    into characters."""
     from transformers import pipeline
 
     model, processor = make_tiny("llama")
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
     recommender = pipeline("sequential-recommendation", model=str(tmp_path / "ckpt"), device="cpu")
-    inputs = [HISTORIES[0], {"history": HISTORIES[1], "candidates": CANDIDATES[1]}, HISTORIES[2], HISTORIES[0]]
+    inputs = [HISTORIES[0], {"history": HISTORIES[1], "candidates": CANDIDATES[1]}, HISTORIES[2],
+              {"history": HISTORIES[2], "candidates": CANDIDATES[2][:2]}, HISTORIES[0]]  # candidate sets of 4 and 2
     one_by_one = [recommender(x, top_k=3) for x in inputs]
     for batch_size in (1, 2, 3):
         batched = recommender(inputs, top_k=3, batch_size=batch_size)

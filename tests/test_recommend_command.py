@@ -28,10 +28,12 @@ def same_ranking(got, expected):
 
 
 def test_jsonl_whole_catalog_and_candidates_match_recommend(checkpoint, tmp_path):
+    """Candidate lists of different sizes (4, 1 and 3 items) in one batch rank as each user's list alone does."""
     folder, model, processor = checkpoint
+    candidates = [CANDIDATES[0], CANDIDATES[1][:1], CANDIDATES[2][:3]]
     source = tmp_path / "histories.jsonl"
     source.write_text("".join(json.dumps({"user_id": f"u{i}", "history": h, "candidates": c}) + "\n"
-                              for i, (h, c) in enumerate(zip(HISTORIES, CANDIDATES))))
+                              for i, (h, c) in enumerate(zip(HISTORIES, candidates))))
     run(["recommend", "--model", str(folder), "--input", str(source), "--output", str(tmp_path / "recs.jsonl"),
          "--top-k", "5", "--batch-size", "2"])
     got = read_lines(tmp_path / "recs.jsonl")
@@ -41,8 +43,10 @@ def test_jsonl_whole_catalog_and_candidates_match_recommend(checkpoint, tmp_path
     run(["recommend", "--model", str(folder), "--input", str(source), "--output", str(tmp_path / "cands.jsonl"),
          "--top-k", "2", "--candidates"])
     got = read_lines(tmp_path / "cands.jsonl")
-    same_ranking(got, model.recommend(HISTORIES, candidates=CANDIDATES, top_k=2, processor=processor))
-    assert all(set(g["item_ids"]) <= set(c) for g, c in zip(got, CANDIDATES))
+    same_ranking(got, [model.recommend([h], candidates=[c], top_k=2, processor=processor)[0]
+                       for h, c in zip(HISTORIES, candidates)])
+    assert [len(g["item_ids"]) for g in got] == [2, 1, 2]
+    assert all(set(g["item_ids"]) <= set(c) for g, c in zip(got, candidates))
 
 
 def test_csv_interactions_are_grouped_per_user_in_time_order(checkpoint, tmp_path):
